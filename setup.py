@@ -1,0 +1,42 @@
+"""star_jax: JAX/Flax training and inference for STAR (stacked autoregressive multimodal)."""
+import setuptools
+
+# The core stack. Versions are the ones the test suite is run against.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "flax==0.12.8",
+    "optax",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets",
+    "array-record",
+    "ml-collections",
+    "clu",
+    "absl-py",
+    "numpy",
+    "pillow",
+    "tokenizers",
+]
+
+EXTRAS = {
+    # Import / export / parity only. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
+    "torch": ["torch==2.13.0", "transformers", "safetensors"],
+    "tensorboard": ["tensorflow-cpu", "tensorboard"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "test": ["pytest", "pytest-xdist", "ruff"],
+}
+EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
+
+setuptools.setup(
+    name="star_jax",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11",
+    # `configs/` lives at the top level (big_vision style) and is importable as star_jax.configs,
+    # so config files can `from star_jax.configs import common`.
+    packages=setuptools.find_packages(include=["star_jax", "star_jax.*"]) + ["star_jax.configs", "star_jax.configs.sweeps"],
+    package_dir={"star_jax.configs": "configs", "star_jax.configs.sweeps": "configs/sweeps"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["star-jax=star_jax.main:run"]},
+)
