@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -238,11 +239,10 @@ def logical_sharding(mesh: jax.sharding.Mesh, rules, names: Sequence[str | None]
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
-    """Sharding constraint on an activation by logical names, under the current rules; a no-op
-    when there is no mesh in context."""
-    return nnx.with_sharding_constraint(x, PartitionSpec(*names)) if _has_mesh() else x
-
-
-def _has_mesh() -> bool:
+    """Sharding constraint on an activation by logical names under the rules in context
+    (`use_mesh`); a no-op outside a mesh or when all names resolve to replicated."""
     mesh = jax.sharding.get_abstract_mesh()
-    return mesh is not None and not mesh.empty
+    rules = core_spmd.get_logical_axis_rules()
+    if mesh is None or mesh.empty or not rules or math.prod(mesh.shape.values()) == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))

@@ -1,0 +1,85 @@
+r"""STAR config: one file for every stage and size.
+
+  star-jax train --config configs/star.py:size=tiny,stage=generation,runlocal \
+      --config.train.num_steps=100 --workdir runs/tiny
+
+Arguments: size (configs/sizes.py), stage (vq | understanding | generation | editing),
+runlocal (shrink batch / steps for a CPU smoke run).
+"""
+
+import ml_collections
+from star_jax.configs import common, sizes
+
+from star_jax import sharding
+
+STAGES = ("vq", "understanding", "generation", "editing")
+
+# Trainable params per stage, as regexes over '/'-joined param paths. Everything else is frozen:
+# no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
+TRAINABLE = {
+    "vq": [r"^vq/", r"^discriminator/"],
+    "understanding": [r"^base/"],
+    "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
+    "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
+}
+
+# Where each stage starts from: the previous stage's final checkpoint (or an import).
+INIT_FROM = {"vq": None, "understanding": None, "generation": "understanding", "editing": "generation"}
+
+
+def get_config(arg=None):
+    """Returns the ConfigDict for `arg` = "size=..,stage=..,runlocal"."""
+    arg = common.parse_arg(arg, size="tiny", stage="generation", runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.size = arg.size  # name in configs/sizes.py; the model blocks below are resolved from it
+    config.stage = arg.stage  # which objective / data / trainable set this run uses
+    config.seed = 0  # params init, data order and sampling all derive from it
+
+    size = sizes.get_size(arg.size)
+    config.model = ml_collections.ConfigDict()
+    config.model.decoder = size["decoder"]  # the frozen base LLM (and the stack's layer shape)
+    config.model.decoder.dtype = "bfloat16"  # compute dtype; params stay float32
+    config.model.decoder.param_dtype = "float32"
+    config.model.decoder.scan_layers = True  # lax.scan over the stacked layer params
+    config.model.decoder.remat_policy = "none"  # none | full | dots | dots_no_batch
+    config.model.vision = size["vision"]  # the ViT of the base
+    config.model.vq = size["vq"]  # the image tokenizer
+    config.model.star = size["star"]  # stack depth and pixel adapter depth
+    config.model.star.stack_init = "copy_last"  # copy_last | random (the paper's ablation)
+    config.model.star.caption_dropout = 0.1  # fraction of rows trained unconditional (CFG)
+
+    # Mesh (data, fsdp, tensor): ICI within a slice, DCN across slices; one -1 fills the rest.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.ici = (-1, 1, 1)
+    config.mesh.dcn = (1, 1, 1)
+    config.sharding = ml_collections.ConfigDict()
+    config.sharding.rules = common.to_list_of_pairs(sharding.DEFAULT_RULES)  # logical -> mesh axes
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 256  # global batch, split over (data, fsdp)
+    config.train.grad_accum = 1  # microbatches per step (lax.scan)
+    config.train.num_steps = 10_000
+    config.train.lr = 1e-4
+    config.train.warmup_steps = 500
+    config.train.schedule = "cosine"  # cosine | linear | constant (after warm-up)
+    config.train.weight_decay = 0.0
+    config.train.b1 = 0.9
+    config.train.b2 = 0.95
+    config.train.clip_norm = 1.0
+    config.train.trainable = TRAINABLE[arg.stage] if arg.stage in TRAINABLE else []
+    config.train.init_from = INIT_FROM.get(arg.stage)
+    config.train.nonfinite = "stop"  # stop | skip (skip up to max_skipped_steps, then stop)
+    config.train.max_skipped_steps = 10
+    config.train.log_every = 50
+    config.train.ckpt_every = 1000
+    config.train.keep_last = 3
+    config.train.keep_every = 0  # also keep every m-th step forever; 0 = off
+
+    if arg.runlocal:
+        config.train.batch_size = 8
+        config.train.num_steps = 20
+        config.train.warmup_steps = 2
+        config.train.log_every = 5
+        config.train.ckpt_every = 10
+        config.model.decoder.dtype = "float32"
+    return config

@@ -1,0 +1,127 @@
+"""Config validation, run before anything compiles. Errors name the key and the value."""
+
+from __future__ import annotations
+
+from star_jax.configs import sizes
+
+from star_jax import sharding
+
+STAGES = ("vq", "understanding", "generation", "editing")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+
+
+class ConfigError(ValueError):
+    """An invalid config value; the message starts with `config.<key>=<value>`."""
+
+
+def _fail(key: str, value, why: str):
+    raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
+def _positive(block, prefix: str):
+    for key, value in block.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, tuple, list)):
+            continue
+        values = value if isinstance(value, (tuple, list)) else [value]
+        if key in ("fullatt_block_indexes",):
+            if any(v < 0 for v in values):
+                _fail(f"{prefix}.{key}", value, "indexes must be >= 0")
+            continue
+        if any(isinstance(v, (int, float)) and not isinstance(v, bool) and v <= 0 for v in values):
+            _fail(f"{prefix}.{key}", value, "must be positive")
+
+
+def validate_decoder(d, prefix="model.decoder"):
+    _positive(d, prefix)
+    if d.hidden_size % d.num_heads:
+        _fail(f"{prefix}.num_heads", d.num_heads, f"hidden_size {d.hidden_size} is not divisible by it")
+    if d.num_heads % d.num_kv_heads:
+        _fail(f"{prefix}.num_kv_heads", d.num_kv_heads, f"does not divide num_heads {d.num_heads}")
+    if len(d.mrope_section) != 3 or sum(d.mrope_section) != d.head_dim // 2:
+        _fail(
+            f"{prefix}.mrope_section",
+            tuple(d.mrope_section),
+            f"must be 3 sections summing to head_dim/2 = {d.head_dim // 2}",
+        )
+    for key in ("dtype", "param_dtype"):
+        if d.get(key, "float32") not in DTYPES:
+            _fail(f"{prefix}.{key}", d.get(key), f"not one of {DTYPES}")
+    if d.get("remat_policy", "none") not in REMAT:
+        _fail(f"{prefix}.remat_policy", d.remat_policy, f"not one of {REMAT}")
+
+
+def validate_vision(v, prefix="model.vision"):
+    _positive(v, prefix)
+    if v.hidden_size % v.num_heads:
+        _fail(f"{prefix}.num_heads", v.num_heads, f"hidden_size {v.hidden_size} is not divisible by it")
+    unit = v.patch_size * v.spatial_merge_size
+    if v.window_size % unit:
+        _fail(f"{prefix}.window_size", v.window_size, f"must be a multiple of patch_size * spatial_merge_size = {unit}")
+    bad = [i for i in v.fullatt_block_indexes if i >= v.depth]
+    if bad:
+        _fail(f"{prefix}.fullatt_block_indexes", tuple(v.fullatt_block_indexes), f"indexes {bad} >= depth {v.depth}")
+
+
+def validate_vq(q, prefix="model.vq"):
+    _positive(q, prefix)
+    factor = 2 ** (len(q.ch_mult) - 1)
+    if q.image_size % factor:
+        _fail(f"{prefix}.image_size", q.image_size, f"must be divisible by the downsampling factor {factor}")
+    for m in q.ch_mult:
+        if (q.ch * m) % q.norm_groups:
+            _fail(f"{prefix}.norm_groups", q.norm_groups, f"does not divide channel count {q.ch * m}")
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Checks a full STAR config; raises ConfigError naming the first bad key and value."""
+    if config.size not in sizes.SIZES:
+        _fail("size", config.size, f"unknown size; known: {sorted(sizes.SIZES)}")
+    if config.stage not in STAGES:
+        _fail("stage", config.stage, f"unknown stage; known: {STAGES}")
+    validate_decoder(config.model.decoder)
+    validate_vision(config.model.vision)
+    validate_vq(config.model.vq)
+    _positive(config.model.star, "model.star")
+    if config.model.star.get("stack_init", "copy_last") not in ("copy_last", "random"):
+        _fail("model.star.stack_init", config.model.star.stack_init, "not one of ('copy_last', 'random')")
+    if config.model.star.stack_init == "copy_last" and config.model.star.stack_layers > config.model.decoder.num_layers:
+        _fail(
+            "model.star.stack_layers",
+            config.model.star.stack_layers,
+            f"cannot copy more layers than the base has ({config.model.decoder.num_layers})",
+        )
+    if "train" in config:
+        for key in ("batch_size", "num_steps", "grad_accum"):
+            if config.train[key] <= 0:
+                _fail(f"train.{key}", config.train[key], "must be positive")
+        if config.train.batch_size % config.train.grad_accum:
+            _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
+    try:
+        rules = sharding.rules_from_config(config)
+        sharding.check_rules(rules)
+        if num_devices is not None:
+            shape = sharding.resolve_mesh_shape(config.mesh.ici, config.mesh.dcn, num_devices)
+            if "train" in config:
+                batch_shards = shape[0] * shape[1]
+                per_step = config.train.batch_size // config.train.grad_accum
+                if per_step % batch_shards:
+                    _fail(
+                        "train.batch_size",
+                        config.train.batch_size,
+                        f"microbatch {per_step} not divisible by data x fsdp = {batch_shards}",
+                    )
+    except sharding.ShardingError as e:
+        raise ConfigError(str(e)) from None
+
+
+def validate_sizes_table() -> None:
+    """Validates every size in the table (used by tests)."""
+    import ml_collections
+
+    for name, size in sizes.SIZES.items():
+        for block, fn in (("decoder", validate_decoder), ("vision", validate_vision), ("vq", validate_vq)):
+            try:
+                fn(ml_collections.ConfigDict(size[block]), prefix=f"{name}.{block}")
+            except ConfigError as e:
+                raise ConfigError(f"size {name}: {e}") from None
