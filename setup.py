@@ -1,4 +1,5 @@
 """star_jax: JAX/Flax training and inference for STAR (stacked autoregressive multimodal)."""
+
 import setuptools
 
 # The core stack. Versions are the ones the test suite is run against.
@@ -34,7 +35,8 @@ setuptools.setup(
     python_requires=">=3.11",
     # `configs/` lives at the top level (big_vision style) and is importable as star_jax.configs,
     # so config files can `from star_jax.configs import common`.
-    packages=setuptools.find_packages(include=["star_jax", "star_jax.*"]) + ["star_jax.configs", "star_jax.configs.sweeps"],
+    packages=setuptools.find_packages(include=["star_jax", "star_jax.*"])
+    + ["star_jax.configs", "star_jax.configs.sweeps"],
     package_dir={"star_jax.configs": "configs", "star_jax.configs.sweeps": "configs/sweeps"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -63,7 +63,15 @@ def qwen25vl_config(tie: bool = False):
         eos_token_id=None,
         pad_token_id=None,
     )
-    vision = dict(depth=2, hidden_size=32, num_heads=2, intermediate_size=64, out_hidden_size=64, fullatt_block_indexes=[1], window_size=56)
+    vision = dict(
+        depth=2,
+        hidden_size=32,
+        num_heads=2,
+        intermediate_size=64,
+        out_hidden_size=64,
+        fullatt_block_indexes=[1],
+        window_size=56,
+    )
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,

@@ -62,6 +62,11 @@ def decoder_config_from_hf(hf: Mapping, **overrides) -> qwen2.DecoderConfig:
     )
 
 
+def _shape(tensors, name: str) -> tuple[int, ...]:
+    # Lazy tensor files report shapes without reading data; plain dicts hold arrays.
+    return tuple(tensors.shape(name) if hasattr(tensors, "shape") else np.shape(tensors[name]))
+
+
 def load_params(
     abstract_state,
     entries: Iterable[mapping.Entry],
@@ -87,9 +92,8 @@ def load_params(
             used.add(name)
             if name not in tensors:
                 missing.append(name)
-            elif tuple(tensors.shape(name) if hasattr(tensors, "shape") else tensors[name].shape) != want:
-                got = tensors.shape(name) if hasattr(tensors, "shape") else tensors[name].shape
-                misshaped.append(f"{name}: expected {want}, found {tuple(got)}")
+            elif (got := _shape(tensors, name)) != want:
+                misshaped.append(f"{name}: expected {want}, found {got}")
     unexpected = sorted(n for n in tensors if n not in used and not n.startswith(ignore_prefixes))
     if missing or unexpected or misshaped:
         parts = []

@@ -1,0 +1,147 @@
+"""Configs: parsing, overrides, the size table, and every validation error naming key and value."""
+
+import math
+
+import jax
+import ml_collections
+import pytest
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from star_jax import layers, sharding
+from star_jax.configs import common, sizes, star, validation
+from star_jax.configs.sweeps import ladder
+from star_jax.models import qwen2
+
+
+def test_parse_arg():
+    arg = common.parse_arg("size=shapes,stage=editing,runlocal", size="tiny", stage="generation", runlocal=False)
+    assert (arg.size, arg.stage, arg.runlocal) == ("shapes", "editing", True)
+    assert common.parse_arg("3b", size="tiny").size == "3b"
+    with pytest.raises(ValueError, match="'colour' is unknown"):
+        common.parse_arg("colour=red", size="tiny")
+    with pytest.raises(ValueError, match="runlocal='maybe'"):
+        common.parse_arg("runlocal=maybe", runlocal=False)
+
+
+def test_config_file_and_dotted_overrides():
+    argv = [
+        "prog",
+        "--config=configs/star.py:size=tiny,stage=generation,runlocal=True",
+        "--config.train.lr=0.5",
+        "--config.mesh.ici=(2,2,2)",
+    ]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    config = fv.config
+    assert (config.size, config.stage, config.train.lr, tuple(config.mesh.ici)) == (
+        "tiny",
+        "generation",
+        0.5,
+        (2, 2, 2),
+    )
+    assert config.train.batch_size == 8  # runlocal shrinks
+    validation.validate(config, num_devices=8)
+
+
+def _valid():
+    return star.get_config("size=tiny,stage=generation,runlocal")
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("model.decoder.num_heads", 3, r"config.model.decoder.num_heads=3: hidden_size 64 is not divisible"),
+        ("model.decoder.num_kv_heads", 3, r"config.model.decoder.num_kv_heads=3: does not divide num_heads 4"),
+        (
+            "model.decoder.mrope_section",
+            (2, 3, 4),
+            r"config.model.decoder.mrope_section=\(2, 3, 4\): must be 3 sections",
+        ),
+        ("model.decoder.hidden_size", -64, r"config.model.decoder.hidden_size=-64: must be positive"),
+        ("model.decoder.num_layers", 0, r"config.model.decoder.num_layers=0: must be positive"),
+        ("model.decoder.dtype", "float8", r"config.model.decoder.dtype='float8'"),
+        ("model.vision.num_heads", 5, r"config.model.vision.num_heads=5"),
+        ("model.vision.window_size", 50, r"config.model.vision.window_size=50"),
+        ("model.vq.image_size", 33, r"config.model.vq.image_size=33"),
+        ("model.vq.codebook_size", 0, r"config.model.vq.codebook_size=0: must be positive"),
+        ("model.star.stack_layers", 9, r"config.model.star.stack_layers=9: cannot copy more layers"),
+        ("stage", "pretraining", r"config.stage='pretraining': unknown stage"),
+        ("size", "huge", r"config.size='huge': unknown size"),
+        ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
+        ("mesh.ici", (2, 2, 1), r"config.mesh: ici \(2, 2, 1\) x dcn \(1, 1, 1\) = 4 devices, but there are 8"),
+        ("mesh.ici", (0, 2, 1), r"config.mesh.ici=\(0, 2, 1\): axis 'data' has size 0"),
+    ],
+)
+def test_validation_errors_name_key_and_value(key, value, match):
+    config = _valid()
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(validation.ConfigError, match=match):
+        validation.validate(config, num_devices=8)
+
+
+def test_unknown_size_in_get_config():
+    with pytest.raises(ValueError, match="size='huge' is unknown"):
+        star.get_config("size=huge")
+
+
+def test_every_size_and_stage_is_valid():
+    validation.validate_sizes_table()
+    ladder_sizes = [s for s in sizes.SIZES if s.startswith("ladder_")]
+    assert len(ladder_sizes) >= 5
+    for size in sizes.SIZES:
+        for stage in star.STAGES:
+            validation.validate(star.get_config(f"size={size},stage={stage}"), num_devices=8)
+
+
+def test_sweeps_are_lists_of_override_dicts():
+    runs = ladder.get_sweep()
+    assert len(runs) >= 5 and all(isinstance(r, dict) for r in runs)
+    for overrides in runs:
+        config = star.get_config(overrides.get("config_arg", ""))
+        for key, value in overrides.items():
+            if key == "config_arg":
+                continue
+            node = config
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node[p]
+            assert leaf in node, key
+            node[leaf] = value
+        validation.validate(config, num_devices=8)
+
+
+def _count(make):
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+        state = nnx.state(nnx.eval_shape(make), nnx.Param)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize(
+    "size,stack,head,layer",
+    [("3b", 1.233e9, 134e6, 77.1e6), ("7b", 3.263e9, 235e6, 233.1e6)],
+)
+def test_reference_sizes_by_abstract_init(size, stack, head, layer):
+    s = sizes.get_size(size)
+    cfg = qwen2.DecoderConfig.from_dict(s["decoder"])
+    n_stack = _count(lambda: qwen2.LayerStack(cfg, s["star"]["stack_layers"], rngs=nnx.Rngs(0)))
+    n_layer = _count(lambda: qwen2.LayerStack(cfg, 1, rngs=nnx.Rngs(0))) - cfg.hidden_size  # minus final norm
+    n_head = _count(
+        lambda: layers.Dense(
+            cfg.hidden_size, s["vq"]["codebook_size"], ("embed", "vocab"), use_bias=True, rngs=nnx.Rngs(0)
+        )
+    )
+    assert abs(n_stack / stack - 1) < 0.005, n_stack
+    assert abs(n_head / head - 1) < 0.005, n_head
+    assert abs(n_layer / layer - 1) < 0.005, n_layer
+
+
+def test_config_is_json_serialisable():
+    config = _valid()
+    assert ml_collections.ConfigDict(config.to_dict()).to_json()
