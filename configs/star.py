@@ -8,9 +8,9 @@ runlocal (shrink batch / steps for a CPU smoke run).
 """
 
 import ml_collections
-from star_jax.configs import common, sizes
 
 from star_jax import sharding
+from star_jax.configs import common, sizes
 
 STAGES = ("vq", "understanding", "generation", "editing")
 

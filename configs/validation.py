@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from star_jax.configs import sizes
-
 from star_jax import sharding
+from star_jax.configs import sizes
 
 STAGES = ("vq", "understanding", "generation", "editing")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -4,12 +4,12 @@ import json
 import os
 import shutil
 
+import hf_fixtures
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-import hf_fixtures
 from star_jax.convert import checkpoint_files, hf, load_hf_decoder
 
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import hf_fixtures
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,6 @@ import pytest
 import torch
 from flax import nnx
 
-import hf_fixtures
 from star_jax import sharding
 from star_jax.configs import sizes
 from star_jax.convert import load_hf_decoder

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite on CPU (8 simulated devices, set by tests/conftest.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup_venv.sh torch,test
+.venv/bin/ruff format --check --quiet . && .venv/bin/ruff check --quiet .
+exec .venv/bin/python -m pytest -n 2 --durations=15 tests "$@"
