@@ -1,0 +1,189 @@
+"""Orbax checkpoints, one manager per stage under `workdir/<stage>/`.
+
+Layout of a stage directory:
+  config.json         the run's config (written at start)
+  frozen/             frozen params, written once when the stage starts (not at every save)
+  ckpt/<step>/        trainable params, optimizer state, other model variables, RNG + step
+                      (`state`), and the Grain iterator state (`data`); async, keep-last-k and
+                      keep-every-m; Orbax finalises a step by an atomic rename, so a kill during
+                      a save leaves the previous step as the newest readable one
+  DONE                the stage reached its last step (written after the final save finished)
+
+Restores are always to a target built from the *current* model and mesh, so a checkpoint saved
+on one mesh restores onto any other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = dict
+
+
+def flatten(tree: PyTree, prefix: str = "") -> dict[str, object]:
+    """Nested dict -> {'a/b/c': leaf}."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> PyTree:
+    """{'a/b/c': leaf} -> nested dict."""
+    out: dict = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def abstract_like(tree: PyTree) -> PyTree:
+    """ShapeDtypeStructs (with shardings) for a tree of arrays, as Orbax restore targets."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+class StageCheckpoints:
+    """Checkpoints of one training stage."""
+
+    def __init__(self, workdir: str, stage: str, *, keep_last: int = 3, keep_every: int = 0, async_save: bool = True):
+        self.dir = os.path.abspath(os.path.join(workdir, stage))
+        os.makedirs(self.dir, exist_ok=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep_last,
+            keep_period=keep_every or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self.manager = ocp.CheckpointManager(os.path.join(self.dir, "ckpt"), options=options)
+
+    # -- config and completion markers ---------------------------------------------------------
+    def write_config(self, config) -> None:
+        _atomic_write(os.path.join(self.dir, "config.json"), config.to_json(indent=2))
+
+    def mark_done(self, step: int) -> None:
+        _atomic_write(os.path.join(self.dir, "DONE"), json.dumps({"step": step}))
+
+    def is_done(self) -> bool:
+        return os.path.exists(os.path.join(self.dir, "DONE"))
+
+    # -- frozen params, once per stage ----------------------------------------------------------
+    @property
+    def frozen_dir(self) -> str:
+        return os.path.join(self.dir, "frozen")
+
+    def has_frozen(self) -> bool:
+        return os.path.exists(os.path.join(self.frozen_dir, "_CHECKPOINT_METADATA")) or os.path.exists(
+            os.path.join(self.frozen_dir, "_METADATA")
+        )
+
+    def save_frozen(self, frozen: PyTree) -> None:
+        """Writes the frozen params once (synchronously; Orbax renames a temp dir into place)."""
+        if self.has_frozen() or not jax.tree.leaves(frozen):
+            return
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(self.frozen_dir, frozen, force=True)
+            ckptr.wait_until_finished()
+
+    def restore_frozen(self, target: PyTree) -> PyTree:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(self.frozen_dir, abstract_like(target))
+
+    # -- training state ---------------------------------------------------------------------------
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: PyTree, data_iter=None, *, force: bool = False) -> bool:
+        """Queues an async save of `state` (+ the data iterator's state) at `step`."""
+        items = {"state": ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, step: int, target: PyTree, data_iter=None) -> PyTree:
+        """Restores the state at `step` onto `target`'s shapes and shardings; the data iterator in place."""
+        items = {"state": ocp.args.StandardRestore(abstract_like(target))}
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+    def read_state(self, step: int) -> PyTree:
+        """The saved training state at `step` as written (no target: for inspection and tools)."""
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+    def restore_params(self, step: int, targets: dict[str, object]) -> dict[str, object]:
+        """Restores only the saved params whose flat paths are in `targets` (flat path -> array
+        with the wanted sharding). Used to start a stage from another stage's checkpoint."""
+        meta = self.manager.item_metadata(step)["state"]
+        saved = flatten(_to_dict(meta))
+        wanted = {k: v for k, v in saved.items() if k.startswith("params/") and k[len("params/") :] in targets}
+        target = {}
+        for k, m in saved.items():
+            tgt = targets.get(k[len("params/") :]) if k in wanted else None
+            target[k] = (
+                jax.ShapeDtypeStruct(tgt.shape, tgt.dtype, sharding=tgt.sharding)
+                if tgt is not None
+                else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_replicated())
+            )
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(unflatten(target)))
+        )["state"]
+        flat = flatten(restored)
+        return {k[len("params/") :]: flat[k] for k in wanted}
+
+    def restore_frozen_params(self, targets: dict[str, object]) -> dict[str, object]:
+        """Like `restore_params`, from the stage's frozen directory."""
+        if not self.has_frozen():
+            return {}
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = flatten(_to_dict(ckptr.metadata(self.frozen_dir).item_metadata))
+            target = {
+                k: jax.ShapeDtypeStruct(
+                    m.shape,
+                    m.dtype,
+                    sharding=targets[k].sharding if k in targets else _replicated(),
+                )
+                for k, m in meta.items()
+            }
+            flat = flatten(ckptr.restore(self.frozen_dir, unflatten(target)))
+        return {k: v for k, v in flat.items() if k in targets}
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _to_dict(tree) -> dict:
+    if hasattr(tree, "tree"):
+        tree = tree.tree
+    if isinstance(tree, dict):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _replicated():
+    devices = np.asarray(jax.devices()[:1])
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("x",)), jax.sharding.PartitionSpec())
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

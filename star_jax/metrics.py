@@ -1,0 +1,141 @@
+"""Training metrics: clu metric aggregation, JSONL + TensorBoard writers, throughput and MFU,
+a console progress line, and sample image grids.
+
+TensorBoard event files are written through `clu.metric_writers` when TensorFlow is installed
+(`pip install -e .[tensorboard]`); without it the JSONL log carries the same numbers and a line
+says so once, instead of failing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from clu import metrics as clu_metrics
+
+# bf16 dense peak FLOP/s per chip, for MFU. CPU (and unknown devices) are measured at start.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def device_peak_flops() -> float:
+    """Peak FLOP/s of one device: a table for accelerators, a measured f32 matmul on CPU."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak
+    import jax.numpy as jnp
+
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        f(a).block_until_ready()
+    return 3 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+class Writer:
+    """JSONL log (always), TensorBoard (when available), console progress line."""
+
+    def __init__(self, logdir: str, *, total_steps: int, stage: str):
+        os.makedirs(logdir, exist_ok=True)
+        self.logdir = logdir
+        self.stage = stage
+        self.total_steps = total_steps
+        self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+        self._tb = None
+        try:
+            import tensorflow  # noqa: F401
+            from clu import metric_writers
+
+            self._tb = metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+        except ImportError:
+            logging.info("TensorBoard events off: install star_jax[tensorboard]; metrics go to %s", logdir)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        values = {k: float(v) for k, v in values.items()}
+        if jax.process_index() == 0:
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
+        if self._tb is not None:
+            self._tb.write_scalars(step, values)
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in values.items() if not k.startswith("_"))
+        print(f"[{self.stage}] step {step}/{self.total_steps} {shown}", flush=True)
+
+    def images(self, step: int, name: str, grid: np.ndarray) -> str:
+        """Writes a uint8 [H, W, 3] grid as PNG (and to TensorBoard); returns the PNG path."""
+        from PIL import Image
+
+        path = os.path.join(self.logdir, f"{name}_{step:07d}.png")
+        Image.fromarray(grid).save(path)
+        if self._tb is not None:
+            self._tb.write_images(step, {name: grid[None]})
+        return path
+
+    def close(self) -> None:
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.flush()
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+
+
+def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tiles images [N, H, W, 3] (uint8, or float in [-1, 1]) into one uint8 grid."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    n, h, w, c = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
+    return grid
+
+
+class StepMetrics:
+    """Averages the step metrics between two log lines (clu `Average` per key) and adds
+    throughput: step time, tokens/s, and MFU from analytic FLOPs per step."""
+
+    def __init__(self, flops_per_step: float, tokens_per_step: int, peak_flops: float):
+        self.flops_per_step = flops_per_step
+        self.tokens_per_step = tokens_per_step
+        self.peak = peak_flops * jax.device_count()
+        self._avg: dict[str, clu_metrics.Average] = {}
+        self._steps = 0
+        self._t0 = time.perf_counter()
+
+    def update(self, values: dict[str, jax.Array]) -> None:
+        for k, v in values.items():
+            m = clu_metrics.Average.from_model_output(np.asarray(v, np.float32))
+            self._avg[k] = self._avg[k].merge(m) if k in self._avg else m
+        self._steps += 1
+
+    def summary(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self._t0
+        out = {k: float(m.compute()) for k, m in self._avg.items()}
+        if self._steps:
+            step_time = elapsed / self._steps
+            out["step_time_s"] = step_time
+            out["tokens_per_s"] = self.tokens_per_step / step_time
+            out["mfu"] = self.flops_per_step / step_time / self.peak
+        self._avg, self._steps, self._t0 = {}, 0, time.perf_counter()
+        return out

@@ -1,0 +1,74 @@
+"""Optimizer, schedules, and the trainable/frozen split from a stage's regexes.
+
+A stage lists the params it trains as regexes over '/'-joined param paths (e.g. `^stacked_ar/`).
+`split_trainable` separates the model state into trainable params, frozen params and other
+variables; only the trainable tree is differentiated and given optimizer state, so a frozen
+param carries no gradient buffer, no Adam moments, and stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import optax
+from flax import nnx
+
+
+def trainable_filter(patterns: Sequence[str]):
+    """An nnx filter selecting `nnx.Param`s whose '/'-joined path matches any pattern."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def select(path, value) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        name = "/".join(map(str, path))
+        return any(c.search(name) for c in compiled)
+
+    return select
+
+
+def split_trainable(model: nnx.Module, patterns: Sequence[str]):
+    """(graphdef, trainable params, frozen params, other state) of a model.
+
+    Raises if the patterns match no param, so a typo cannot silently freeze everything.
+    """
+    graphdef, trainable, frozen, other = nnx.split(model, trainable_filter(patterns), nnx.Param, ...)
+    if patterns and not jax.tree.leaves(trainable):
+        raise ValueError(f"config.train.trainable={list(patterns)} matches no parameter of the model")
+    return graphdef, trainable, frozen, other
+
+
+def schedule(cfg) -> optax.Schedule:
+    """Learning rate: linear warm-up to cfg.lr, then cosine / linear decay to 0, or constant."""
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    rest = max(cfg.num_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.lr, rest)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, 0.0, rest)
+    elif cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    else:
+        raise ValueError(f"config.train.schedule={cfg.schedule!r} is not one of cosine, linear, constant")
+    return optax.join_schedules([warmup, after], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW (betas from config); weight decay skips vectors (norms, biases)."""
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    chain = []
+    if cfg.clip_norm and cfg.clip_norm > 0:
+        chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+    chain.append(
+        optax.adamw(
+            schedule(cfg),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.get("eps", 1e-8),
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*chain)

@@ -1,0 +1,240 @@
+"""One trainer for every stage (vq, understanding, generation, editing).
+
+Reads top to bottom: validate config -> mesh -> model (born sharded) -> initialise from earlier
+stages or resume -> trainable / frozen split -> optimizer (trainable params only) -> input ->
+jitted step (in/out shardings, donation, gradient accumulation) -> loop with metrics,
+checkpoints and preemption handling. What differs between stages lives in config (trainable
+regexes, init_from) and in `objectives.py` (the loss), never in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from star_jax import checkpointing, metrics, optim, sharding
+from star_jax.configs import validation
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when the loss or the gradient norm is not finite (config.train.nonfinite)."""
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage trains: how to build the model, initialise it, compute the loss, feed it.
+
+    build_model: () -> nnx.Module, built inside the mesh context (params born sharded).
+    objective: (model, batch, rng, step) -> (loss f32 scalar, dict of f32 scalar metrics).
+    make_iterator: (process_index, process_count) -> checkpointable Grain iterator of numpy dicts.
+    initialise: (model, workdir) -> None; fills params from earlier stages / imports (fresh runs).
+    batch_axes: key -> logical axis names of that input (batch dimension first).
+    flops_per_example / tokens_per_example: for MFU and tokens/s.
+    on_log: optional (model, step, writer) -> None, e.g. sample grids.
+    """
+
+    build_model: Callable[[], nnx.Module]
+    objective: Callable
+    make_iterator: Callable[[int, int], Iterator]
+    initialise: Callable[[nnx.Module, str], None] | None = None
+    batch_axes: dict[str, tuple] | None = None
+    flops_per_example: float = 0.0
+    tokens_per_example: int = 1
+    on_log: Callable | None = None
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves and exits cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and exiting at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite: bool):
+    """The pure train step: (params, frozen, other, opt_state, batch, rng, step) ->
+    (params, other, opt_state, metrics). Microbatches run under `lax.scan` and gradients are
+    averaged in float32; a non-finite step leaves everything unchanged in skip mode."""
+
+    def loss_fn(params, frozen, other, batch, rng, step):
+        model = nnx.merge(graphdef, params, frozen, other)
+        loss, aux = objective(model, batch, rng, step)
+        new_other = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+        return loss.astype(jnp.float32), (aux, new_other)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step_fn(params, frozen, other, opt_state, batch, rng, step):
+        if grad_accum == 1:
+            (loss, (aux, new_other)), grads = grad_fn(params, frozen, other, batch, rng, step)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+            def body(carry, xs):
+                grads_acc, other = carry
+                mb, i = xs
+                (loss, (aux, other)), g = grad_fn(params, frozen, other, mb, jax.random.fold_in(rng, i), step)
+                grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
+                return (grads_acc, other), (loss, aux)
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (grads, new_other), (losses, auxes) = jax.lax.scan(body, (zeros, other), (micro, jnp.arange(grad_accum)))
+            grads = jax.tree.map(lambda g: g / grad_accum, grads)
+            loss = jnp.mean(losses)
+            aux = jax.tree.map(jnp.mean, auxes)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_params = keep(new_params, params)
+            new_opt_state = keep(new_opt_state, opt_state)
+            new_other = keep(new_other, other)
+        out = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
+        return new_params, new_other, new_opt_state, out
+
+    return step_fn
+
+
+def _put_batch(batch: dict, mesh, rules, batch_axes: dict | None):
+    """Process-local numpy batch -> global jax arrays sharded over the batch axes."""
+    out = {}
+    for key, value in batch.items():
+        value = np.asarray(value)
+        names = (batch_axes or {}).get(key) or ("batch",) + (None,) * (value.ndim - 1)
+        out[key] = jax.make_array_from_process_local_data(sharding.logical_sharding(mesh, rules, names), value)
+    return out
+
+
+def train_and_evaluate(config, workdir: str, task: Task) -> dict:
+    """Trains `config.stage` under `workdir/<stage>/`, resuming from its newest checkpoint.
+
+    Returns the last logged metrics. Raises NonFiniteError on a non-finite step (stop mode, or
+    after `max_skipped_steps` skips) and ConfigError before compiling on a bad config.
+    """
+    validation.validate(config, num_devices=jax.device_count())
+    tc = config.train
+    mesh = sharding.mesh_from_config(config)
+    rules = sharding.rules_from_config(config)
+    ckpts = checkpointing.StageCheckpoints(workdir, config.stage, keep_last=tc.keep_last, keep_every=tc.keep_every)
+    ckpts.write_config(config)
+
+    # Model, born sharded; a fresh run initialises from earlier stages / imports.
+    model = sharding.create_sharded(task.build_model, mesh, rules)
+    latest = ckpts.latest_step()
+    with sharding.use_mesh(mesh, rules):
+        if latest is None and task.initialise is not None:
+            task.initialise(model, workdir)
+        graphdef, params, frozen, other = optim.split_trainable(model, list(tc.trainable))
+        params, frozen, other = (s.to_pure_dict() for s in (params, frozen, other))
+        del model
+        if latest is None:
+            ckpts.save_frozen(frozen)
+        elif ckpts.has_frozen():
+            frozen = ckpts.restore_frozen(frozen)
+
+        tx = optim.make_optimizer(tc)
+        opt_state = jax.jit(tx.init)(params)
+        state = {"params": params, "opt_state": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
+        data_iter = task.make_iterator(jax.process_index(), jax.process_count())
+        if latest is not None:
+            state = ckpts.restore(latest, state, data_iter)
+            logging.info("resumed %s from step %d", config.stage, latest)
+        n_trainable = sum(x.size for x in jax.tree.leaves(params))
+        n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+        print(f"[{config.stage}] trainable params {n_trainable:,}, frozen {n_frozen:,}", flush=True)
+
+        step_fn = make_train_step(
+            graphdef,
+            task.objective,
+            tx,
+            grad_accum=tc.grad_accum,
+            skip_nonfinite=tc.nonfinite == "skip",
+        )
+        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(
+                state_shardings["params"],
+                frozen_shardings,
+                state_shardings["other"],
+                state_shardings["opt_state"],
+                None,
+                None,
+                None,
+            ),
+            out_shardings=(state_shardings["params"], state_shardings["other"], state_shardings["opt_state"], None),
+            donate_argnums=(0, 2, 3),
+        )
+
+        writer = metrics.Writer(ckpts.dir, total_steps=tc.num_steps, stage=config.stage)
+        step_metrics = metrics.StepMetrics(
+            task.flops_per_example * tc.batch_size, task.tokens_per_example * tc.batch_size, metrics.device_peak_flops()
+        )
+        base_rng = jax.random.key(config.seed)
+        step = int(state["step"])
+        skipped, last = 0, {}
+        t_start = time.perf_counter()
+        with _Preemption() as preempt:
+            while step < tc.num_steps:
+                batch = _put_batch(next(data_iter), mesh, rules, task.batch_axes)
+                rng = jax.random.fold_in(base_rng, step)
+                params, other, opt_state, out = jitted(
+                    state["params"], frozen, state["other"], state["opt_state"], batch, rng, jnp.int32(step)
+                )
+                if not bool(out["finite"]):
+                    skipped += 1
+                    if tc.nonfinite != "skip" or skipped > tc.max_skipped_steps:
+                        ckpts.close()
+                        raise NonFiniteError(
+                            f"[{config.stage}] non-finite loss {float(out['loss'])} or gradient norm "
+                            f"{float(out['grad_norm'])} at step {step} (skipped {skipped - 1} before); the newest "
+                            f"checkpoint is step {ckpts.latest_step()} in {ckpts.dir}"
+                        )
+                step += 1
+                state = {"params": params, "opt_state": opt_state, "other": other, "step": jnp.int32(step)}
+                step_metrics.update(out)
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    last = step_metrics.summary() | {"lr": float(optim.schedule(tc)(step))}
+                    writer.scalars(step, last)
+                    if task.on_log is not None:
+                        task.on_log(nnx.merge(graphdef, params, frozen, other), step, writer)
+                if step % tc.ckpt_every == 0 or step == tc.num_steps or preempt.requested:
+                    ckpts.save(step, state, data_iter, force=True)
+                if preempt.requested:
+                    ckpts.close()
+                    writer.close()
+                    print(f"[{config.stage}] preempted: saved step {step}, exiting", flush=True)
+                    return last
+        ckpts.wait()
+        ckpts.mark_done(step)
+        ckpts.close()
+        writer.close()
+        last["wall_time_s"] = time.perf_counter() - t_start
+        return last
