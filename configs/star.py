@@ -23,8 +23,9 @@ TRAINABLE = {
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
 }
 
-# Where each stage starts from: the previous stage's final checkpoint (or an import).
-INIT_FROM = {"vq": None, "understanding": None, "generation": "understanding", "editing": "generation"}
+# Where each stage starts from, applied in order: earlier stages' final params, or imports
+# ("hf:<dir>" for a Hugging Face Qwen2.5-VL base, "vq:<file>" for reference VQ weights).
+INIT_FROM = {"vq": [], "understanding": [], "generation": ["vq", "understanding"], "editing": ["generation"]}
 
 
 def get_config(arg=None):
@@ -48,6 +49,20 @@ def get_config(arg=None):
     config.model.star.stack_init = "copy_last"  # copy_last | random (the paper's ablation)
     config.model.star.caption_dropout = 0.1  # fraction of rows trained unconditional (CFG)
 
+    # Input (star_jax/input_pipeline.py). The shapes world is generated deterministically from
+    # (split, index, seed); user data comes as ArrayRecord files (data/ converts folders / JSONL).
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "shapes"  # shapes | arrayrecord
+    config.data.path = ""  # ArrayRecord directory when source = arrayrecord
+    config.data.tokenizer = "builtin"  # builtin (shapes world) | path to a Hugging Face tokenizer.json
+    config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
+    config.data.vit_image_size = 112 if arg.size in ("tiny", "shapes") else 448  # pixels fed to the ViT
+    config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
+    config.data.num_workers = 0  # Grain worker processes
+    config.data.shuffle_seed = 0
+    config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad
+    config.data.num_train_examples = 100_000  # size of a procedurally generated split
+
     # Mesh (data, fsdp, tensor): ICI within a slice, DCN across slices; one -1 fills the rest.
     config.mesh = ml_collections.ConfigDict()
     config.mesh.ici = (-1, 1, 1)
@@ -67,7 +82,7 @@ def get_config(arg=None):
     config.train.b2 = 0.95
     config.train.clip_norm = 1.0
     config.train.trainable = TRAINABLE[arg.stage] if arg.stage in TRAINABLE else []
-    config.train.init_from = INIT_FROM.get(arg.stage)
+    config.train.init_from = list(INIT_FROM.get(arg.stage, []))
     config.train.nonfinite = "stop"  # stop | skip (skip up to max_skipped_steps, then stop)
     config.train.max_skipped_steps = 10
     config.train.log_every = 50

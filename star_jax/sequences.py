@@ -1,0 +1,185 @@
+"""Sequence assembly for every LM stage, exactly as STAR_SPEC sections 3-4, in numpy per example.
+
+Every builder returns fixed-length arrays (left-padded prompts), so batches have static shapes and
+the image tokens always sit at the end of the sequence:
+
+  prompt_ids  [Tp] int32   chat prompt; generation / editing prompts end with <|vision_start|>
+  uncond_ids  [Tp] int32   the CFG unconditional row (caption / instruction -> <|fim_pad|>)
+  prompt_mask [Tp] bool    True = real token (False = left padding)
+  positions   [3, Tp + N] int32  M-RoPE streams (1-D text, (t, h, w) for ViT blocks), N image tokens
+  vit_mask    [Tp] bool    slots that take ViT embeddings (understanding image, edit source)
+  src_mask    [Tp] bool    slots that take adapter(codebook[source code]) (editing)
+  text_targets [Tp] int32  next-token targets for understanding (-1 = no loss)
+
+Too-long inputs raise `SequenceTooLong` (the input pipeline skips and counts such records).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from star_jax.models import positions as positions_lib
+
+SYSTEM = "You are a helpful assistant."
+
+
+class SequenceTooLong(ValueError):
+    """An example does not fit the configured prompt length."""
+
+
+def chat_text(user: str, system: str = SYSTEM) -> str:
+    """The Qwen chat template up to the assistant turn (STAR_SPEC section 3)."""
+    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def unconditional(ids: list[int], fim_pad: int) -> list[int]:
+    """STAR_SPEC section 3: positions [1:-1] -> <|fim_pad|>, then the last 4 ids restored."""
+    out = [ids[0]] + [fim_pad] * (len(ids) - 2) + [ids[-1]]
+    out[-4:] = ids[-4:]
+    return out
+
+
+def _left_pad(rows: dict[str, list], length: int, pads: dict[str, object]) -> dict[str, np.ndarray]:
+    n = len(next(iter(rows.values())))
+    if n > length:
+        raise SequenceTooLong(f"prompt of {n} tokens exceeds max_prompt_len={length}")
+    return {k: np.asarray([pads[k]] * (length - n) + list(v)) for k, v in rows.items()}
+
+
+def _one_d(start: int, n: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(start, start + n), (3, n))
+
+
+def _with_padding_positions(pos: np.ndarray, pad: int) -> np.ndarray:
+    return np.concatenate([np.zeros((3, pad), pos.dtype), pos], axis=1)
+
+
+def generation_example(tok, caption: str, *, max_prompt_len: int, num_image_tokens: int) -> dict[str, np.ndarray]:
+    """Text-to-image example: chat prompt + <|vision_start|>; positions 1-D over prompt + image."""
+    if not caption.strip():
+        raise ValueError("empty caption")
+    ids = tok.encode(chat_text(caption)) + [tok.special("<|vision_start|>")]
+    uncond = unconditional(ids, tok.special("<|fim_pad|>"))
+    out = _left_pad(
+        {"prompt_ids": ids, "uncond_ids": uncond, "prompt_mask": [True] * len(ids)},
+        max_prompt_len,
+        {"prompt_ids": tok.pad_id, "uncond_ids": tok.pad_id, "prompt_mask": False},
+    )
+    pos = _one_d(0, len(ids) + num_image_tokens)
+    out["positions"] = _with_padding_positions(pos, max_prompt_len - len(ids)).astype(np.int32)
+    out["prompt_ids"] = out["prompt_ids"].astype(np.int32)
+    out["uncond_ids"] = out["uncond_ids"].astype(np.int32)
+    return out
+
+
+def user_insert_index(ids: list[int], tok) -> int:
+    """Index right after `<|im_start|>user\\n` (14 with Qwen's tokenizer and the default system turn)."""
+    im_start = tok.special("<|im_start|>")
+    starts = [i for i, t in enumerate(ids) if t == im_start]
+    if len(starts) < 2:
+        raise ValueError("chat prompt has no user turn")
+    user_prefix = tok.encode("<|im_start|>user\n")
+    k = starts[1] + len(user_prefix)
+    if ids[starts[1] : k] != user_prefix:
+        raise ValueError("unexpected tokenisation of the user turn")
+    return k
+
+
+def editing_example(
+    tok,
+    instruction: str,
+    *,
+    max_prompt_len: int,
+    num_vq_tokens: int,
+    vit_grid_thw: tuple[int, int, int],
+    spatial_merge_size: int,
+) -> dict[str, np.ndarray]:
+    """Editing example (STAR_SPEC section 4):
+    E[:k] ++ [vs] ++ VQ block ++ [ve] ++ [vs] ++ ViT block ++ [ve] ++ ["\\n"] ++ E[k:],
+    E = chat prompt with the instruction + <|vision_start|>; k = right after `<|im_start|>user\\n`.
+    The unconditional row drops the instruction text only. Positions: VQ block 1-D, ViT block
+    (t, h, w), text after at max + 1, target image tokens continuing 1-D.
+    """
+    if not instruction.strip():
+        raise ValueError("empty instruction")
+    e = tok.encode(chat_text(instruction)) + [tok.special("<|vision_start|>")]
+    k = user_insert_index(e, tok)
+    instr_end = k + len(tok.encode(instruction))  # the instruction tokens are E[k:instr_end]
+    vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
+    image_pad, vision_pad = tok.special("<|image_pad|>"), tok.special("<|vision_pad|>")
+    t, h, w = vit_grid_thw
+    n_vit = t * h * w // spatial_merge_size**2
+    newline = tok.encode("\n")
+    middle = [vs] + [vision_pad] * num_vq_tokens + [ve, vs] + [image_pad] * n_vit + [ve] + newline
+    ids = e[:k] + middle + e[k:]
+    fim = tok.special("<|fim_pad|>")
+    uncond = e[:k] + middle + [fim] * (instr_end - k) + e[instr_end:]
+    src = [False] * k + [False] + [True] * num_vq_tokens + [False] * (len(middle) - 1 - num_vq_tokens) + [False] * (len(e) - k)
+    vit = [False] * (k + 1 + num_vq_tokens + 2) + [True] * n_vit + [False] * (len(ids) - (k + 3 + num_vq_tokens + n_vit))
+    out = _left_pad(
+        {"prompt_ids": ids, "uncond_ids": uncond, "prompt_mask": [True] * len(ids), "src_mask": src, "vit_mask": vit},
+        max_prompt_len,
+        {"prompt_ids": tok.pad_id, "uncond_ids": tok.pad_id, "prompt_mask": False, "src_mask": False, "vit_mask": False},
+    )
+    segments = [
+        (positions_lib.TEXT, k + 1 + num_vq_tokens + 2),
+        (positions_lib.IMAGE, (t, h, w)),
+        (positions_lib.TEXT, 1 + len(newline) + len(e) - k),
+    ]
+    prompt_pos = positions_lib.layout_positions(segments, spatial_merge_size)
+    start = int(prompt_pos.max()) + 1
+    pos = np.concatenate([prompt_pos, _one_d(start, num_vq_tokens)], axis=1)
+    out["positions"] = _with_padding_positions(pos, max_prompt_len - len(ids)).astype(np.int32)
+    for key in ("prompt_ids", "uncond_ids"):
+        out[key] = out[key].astype(np.int32)
+    return out
+
+
+def understanding_example(
+    tok,
+    question: str,
+    answer: str,
+    *,
+    max_prompt_len: int,
+    vit_grid_thw: tuple[int, int, int] | None,
+    spatial_merge_size: int,
+) -> dict[str, np.ndarray]:
+    """Image + question -> answer: `<|vision_start|><|image_pad|>*n<|vision_end|>question` as the user
+    turn, the answer + <|im_end|> as targets. Without an image grid it is a text-only chat."""
+    if not question.strip() or not answer.strip():
+        raise ValueError("empty question or answer")
+    vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
+    image_pad = tok.special("<|image_pad|>")
+    prompt = tok.encode(chat_text(question))
+    n_vit = 0
+    if vit_grid_thw is not None:
+        k = user_insert_index(prompt, tok)
+        t, h, w = vit_grid_thw
+        n_vit = t * h * w // spatial_merge_size**2
+        prompt = prompt[:k] + [vs] + [image_pad] * n_vit + [ve] + prompt[k:]
+    reply = tok.encode(answer) + [tok.special("<|im_end|>")]
+    ids = prompt + reply
+    # Position i predicts token i + 1: the last prompt token predicts the first answer token.
+    targets = [-1] * (len(prompt) - 1) + reply + [-1]
+    vit = [t_ == image_pad for t_ in ids]
+    out = _left_pad(
+        {"prompt_ids": ids, "prompt_mask": [True] * len(ids), "text_targets": targets, "vit_mask": vit},
+        max_prompt_len,
+        {"prompt_ids": tok.pad_id, "prompt_mask": False, "text_targets": -1, "vit_mask": False},
+    )
+    if vit_grid_thw is not None:
+        first = ids.index(image_pad)
+        segments = [
+            (positions_lib.TEXT, first),
+            (positions_lib.IMAGE, tuple(vit_grid_thw)),
+            (positions_lib.TEXT, len(ids) - first - n_vit),
+        ]
+        pos = positions_lib.layout_positions(segments, spatial_merge_size)
+    else:
+        pos = _one_d(0, len(ids))
+    out["positions"] = _with_padding_positions(pos, max_prompt_len - len(ids)).astype(np.int32)
+    out["prompt_ids"] = out["prompt_ids"].astype(np.int32)
+    out["text_targets"] = out["text_targets"].astype(np.int32)
+    if vit_grid_thw is None:
+        del out["vit_mask"]
+    return out

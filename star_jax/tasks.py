@@ -1,0 +1,99 @@
+"""Stage -> `train.Task`: which model components, which objective, which input, where params
+start from. Everything stage-specific that is not plain config lives here, in one table-like
+function, so `train.py` stays stage-agnostic.
+
+`config.train.init_from` lists sources applied in order (later ones win for the params they hold):
+  "<stage>"          the final params of an earlier stage under the same workdir
+  "hf:<dir>"         a Hugging Face Qwen2.5-VL / Qwen2 directory -> base (and vision)
+  "vq:<file>"        reference VQ weights (.safetensors) -> vq
+After loading, a generation stage whose stack was not loaded copies it from the base's last N
+layers (`model.star.stack_init = "copy_last"`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+from flax import nnx
+
+from star_jax import checkpointing, objectives
+from star_jax.models import star
+
+def param_targets(model: nnx.Module) -> dict[str, jax.Array]:
+    """Flat path -> current param array (its shape, dtype and sharding are restore targets)."""
+    return checkpointing.flatten(nnx.state(model, nnx.Param).to_pure_dict())
+
+
+def load_from_stage(model: nnx.Module, workdir: str, stage: str) -> set[str]:
+    """Loads every param of `model` that stage `stage` saved (frozen + newest trainable). Returns
+    the flat paths loaded. Raises if the stage has no checkpoint."""
+    ckpts = checkpointing.StageCheckpoints(workdir, stage)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"stage {stage!r} has no checkpoint under {ckpts.dir}; run it first")
+        if not ckpts.is_done():
+            logging.warning("stage %s did not finish (no DONE marker); using its step %d", stage, step)
+        targets = param_targets(model)
+        loaded = ckpts.restore_frozen_params(targets)
+        loaded.update(ckpts.restore_params(step, targets))
+    finally:
+        ckpts.close()
+    nnx.update(model, nnx.State(checkpointing.unflatten(loaded)))
+    return set(loaded)
+
+
+def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
+    """Applies one `init_from` source; returns the flat param paths it set."""
+    kind, _, path = source.partition(":")
+    if not path:
+        return load_from_stage(model, workdir, source)
+    if kind == "hf":
+        from star_jax.convert import hf
+
+        decoder = hf.load_hf_decoder(path, dtype=model.decoder_cfg.dtype, param_dtype=model.decoder_cfg.param_dtype)
+        nnx.update(model.base, nnx.state(decoder, nnx.Param))
+        return {f"base/{k}" for k in param_targets(model.base)}
+    if kind == "vq":
+        from star_jax.convert import vq_mapping
+
+        vq_mapping.load_reference_vq(model.vq, path)
+        return {f"vq/{k}" for k in param_targets(model.vq)}
+    raise ValueError(f"config.train.init_from entry {source!r}: expected a stage name, 'hf:<dir>' or 'vq:<file>'")
+
+
+def initialiser(config):
+    """The `Task.initialise` of `config`: apply init_from sources, then copy the stack if needed."""
+    sources = list(config.train.init_from)
+
+    def initialise(model: nnx.Module, workdir: str) -> None:
+        loaded: set[str] = set()
+        for source in sources:
+            loaded |= load_source(model, workdir, source)
+        if "stacked_ar" in model.components and not any(p.startswith("stacked_ar/") for p in loaded):
+            if config.model.star.stack_init == "copy_last":
+                model.copy_stack_from_base()
+                logging.info("stacked AR initialised from the base's last %d layers", config.model.star.stack_layers)
+
+    return initialise
+
+
+def objective(config, vit_layout=None):
+    """The loss of `config.stage`."""
+    stage = config.stage
+    if stage == "understanding":
+        return lambda m, b, r, s: objectives.understanding_loss(m, b, r, s, vit_layout=vit_layout)
+    if stage in ("generation", "editing"):
+        rate = config.model.star.caption_dropout
+        return lambda m, b, r, s: objectives.image_token_loss(m, b, r, s, caption_dropout=rate, vit_layout=vit_layout)
+    if stage == "vq":
+        from star_jax import objectives_vq
+
+        return objectives_vq.make_objective(config)
+    raise ValueError(f"config.stage={stage!r} has no objective")
+
+
+def build_model_fn(config):
+    """() -> the stage's STAR model (components of the stage only)."""
+    return lambda: star.build(config, rngs=nnx.Rngs(config.seed))
