@@ -114,12 +114,26 @@ def editing_example(
     ids = e[:k] + middle + e[k:]
     fim = tok.special("<|fim_pad|>")
     uncond = e[:k] + middle + [fim] * (instr_end - k) + e[instr_end:]
-    src = [False] * k + [False] + [True] * num_vq_tokens + [False] * (len(middle) - 1 - num_vq_tokens) + [False] * (len(e) - k)
-    vit = [False] * (k + 1 + num_vq_tokens + 2) + [True] * n_vit + [False] * (len(ids) - (k + 3 + num_vq_tokens + n_vit))
+    src = (
+        [False] * k
+        + [False]
+        + [True] * num_vq_tokens
+        + [False] * (len(middle) - 1 - num_vq_tokens)
+        + [False] * (len(e) - k)
+    )
+    vit = (
+        [False] * (k + 1 + num_vq_tokens + 2) + [True] * n_vit + [False] * (len(ids) - (k + 3 + num_vq_tokens + n_vit))
+    )
     out = _left_pad(
         {"prompt_ids": ids, "uncond_ids": uncond, "prompt_mask": [True] * len(ids), "src_mask": src, "vit_mask": vit},
         max_prompt_len,
-        {"prompt_ids": tok.pad_id, "uncond_ids": tok.pad_id, "prompt_mask": False, "src_mask": False, "vit_mask": False},
+        {
+            "prompt_ids": tok.pad_id,
+            "uncond_ids": tok.pad_id,
+            "prompt_mask": False,
+            "src_mask": False,
+            "vit_mask": False,
+        },
     )
     segments = [
         (positions_lib.TEXT, k + 1 + num_vq_tokens + 2),

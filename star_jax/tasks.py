@@ -20,6 +20,7 @@ from flax import nnx
 from star_jax import checkpointing, objectives
 from star_jax.models import star
 
+
 def param_targets(model: nnx.Module) -> dict[str, jax.Array]:
     """Flat path -> current param array (its shape, dtype and sharding are restore targets)."""
     return checkpointing.flatten(nnx.state(model, nnx.Param).to_pure_dict())
@@ -97,3 +98,54 @@ def objective(config, vit_layout=None):
 def build_model_fn(config):
     """() -> the stage's STAR model (components of the stage only)."""
     return lambda: star.build(config, rngs=nnx.Rngs(config.seed))
+
+
+def vit_layout_for(config, rows: int):
+    """The static ViT layout of `rows` images of config.data.vit_image_size (one per batch row)."""
+    import numpy as np
+
+    from star_jax.models import vision
+
+    vcfg = vision.VisionConfig.from_dict(config.model.vision)
+    side = config.data.vit_image_size // vcfg.patch_size
+    return vision.vision_layout(np.tile([[1, side, side]], (rows, 1)), vcfg)
+
+
+def flops_per_example(config) -> float:
+    """Analytic training FLOPs of one example (3x forward: frozen layers still backpropagate
+    activations, which costs about as much as the weight gradients they skip)."""
+    from star_jax import flops
+    from star_jax.models import qwen2
+
+    cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
+    n_img = (config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)) ** 2
+    seq = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
+    if config.stage == "understanding":
+        return flops.train_step_flops(flops.decoder_forward_flops(cfg, 1, seq))
+    if config.stage in ("generation", "editing"):
+        fwd = flops.decoder_forward_flops(cfg, 1, seq, head=False)
+        fwd += flops.decoder_forward_flops(cfg, 1, seq, num_layers=config.model.star.stack_layers, head=False)
+        fwd += 2.0 * n_img * cfg.hidden_size * config.model.vq.codebook_size
+        return flops.train_step_flops(fwd)
+    return 0.0
+
+
+def make_task(config):
+    """The `train.Task` of `config.stage`."""
+    from star_jax import input_pipeline, train
+
+    rows = config.train.batch_size // config.train.grad_accum
+    uses_vit = config.stage in ("understanding", "editing")
+    layout = vit_layout_for(config, rows) if uses_vit else None
+    n_img = (config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)) ** 2
+    tokens = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
+    return train.Task(
+        build_model=build_model_fn(config),
+        objective=objective(config, layout),
+        make_iterator=lambda pi, pc: input_pipeline.make_iterator(
+            config, split="train", process_index=pi, process_count=pc
+        ),
+        initialise=initialiser(config),
+        flops_per_example=flops_per_example(config),
+        tokens_per_example=tokens if config.stage != "vq" else 1,
+    )

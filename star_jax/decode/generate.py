@@ -56,7 +56,7 @@ class _Runner:
         x = m.embed_prompt(b, self.vit_layout)
         pos = self.positions[:, :, : self.tp]
         h, base_cache = m.base.hidden(x, pos, self.base_cache, attention_mask_2d=b["prompt_mask"])
-        h, stack_cache = m.stacked_ar(h, pos, self.stack_cache, attention_mask_2d=b["prompt_mask"])
+        h, stack_cache = m.stacked_ar(h, pos, cache=self.stack_cache, attention_mask_2d=b["prompt_mask"])
         return m.image_head(h[:, -1]).astype(jnp.float32), (base_cache, stack_cache)
 
     def step(self, tokens, j, caches):
@@ -65,13 +65,22 @@ class _Runner:
         x = m.embed_codes(tokens[:, None])
         pos = jax.lax.dynamic_slice_in_dim(self.positions, self.tp + j, 1, axis=2)
         h, base_cache = m.base.hidden(x, pos, caches[0])
-        h, stack_cache = m.stacked_ar(h, pos, caches[1])
+        h, stack_cache = m.stacked_ar(h, pos, cache=caches[1])
         return m.image_head(h[:, 0]).astype(jnp.float32), (base_cache, stack_cache)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "num_tokens", "temperature", "top_k", "top_p", "cfg_mode", "return_logits", "vit_layout"),
+    static_argnames=(
+        "graphdef",
+        "num_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "cfg_mode",
+        "return_logits",
+        "vit_layout",
+    ),
 )
 def _decode(
     graphdef,
@@ -105,7 +114,10 @@ def _decode(
     elif cfg_mode == "two_pass":
         cond_batch = {k: v for k, v in batch.items() if k not in ("uncond_ids", "seeds")}
         uncond_batch = {**cond_batch, "prompt_ids": batch["uncond_ids"]}
-        runners = (_Runner(model, cond_batch, num_tokens, vit_layout), _Runner(model, uncond_batch, num_tokens, vit_layout))
+        runners = (
+            _Runner(model, cond_batch, num_tokens, vit_layout),
+            _Runner(model, uncond_batch, num_tokens, vit_layout),
+        )
         (lc, cc), (lu, cu) = runners[0].prefill(), runners[1].prefill()
         logits, caches = jnp.stack([lc, lu]), (cc, cu)
 

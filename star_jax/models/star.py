@@ -160,7 +160,7 @@ class Star(nnx.Module):
     # -- embeddings ----------------------------------------------------------------------------
     def embed_codes(self, codes: jax.Array) -> jax.Array:
         """Image tokens [B, N] int32 -> adapter(codebook[codes]) [B, N, D]; the codebook is the VQ's."""
-        vectors = jnp.take(self.vq.codebook(), codes, axis=0)
+        vectors = jnp.take(self.vq.quantize.codebook(), codes, axis=0)
         return self.pixel_adapter(vectors)
 
     def vit_embeds(self, pixels: jax.Array, layout) -> jax.Array:
