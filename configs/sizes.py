@@ -72,7 +72,7 @@ SIZES = {
         decoder=_decoder(64, 4, 4, 2, 128, 256, tie=True),
         vision=_vision(2, 32, 2, 64, 64, patch=14, window=56, fullatt=(1,)),
         star=dict(stack_layers=2, adapter_depth=2),
-        vq=_vq(32, 16, (1, 2), 16, 64, 8, res_blocks=1, heads=2, groups=8),
+        vq=_vq(32, 16, (1, 2, 2), 16, 64, 8, res_blocks=1, heads=2, groups=8),
     ),
     "shapes": dict(
         decoder=_decoder(256, 6, 4, 2, 768, SHAPES_VOCAB, tie=True),

@@ -29,7 +29,7 @@ def model():
 
 def _batch(n=2, tp=12, seed=0):
     rng = np.random.RandomState(seed)
-    ids, uncond, pos = [], [], []
+    ids, uncond = [], []
     for _ in range(n):
         row = rng.randint(10, 200, tp).tolist()
         ids.append(row)
