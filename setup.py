@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "absl-py",
     "numpy",
     "pillow",
+    "scipy",  # connected components in ShapeEval
     "tokenizers",
 ]
 

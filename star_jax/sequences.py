@@ -19,24 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 from star_jax.models import positions as positions_lib
-
-SYSTEM = "You are a helpful assistant."
+from star_jax.text import chat
 
 
 class SequenceTooLong(ValueError):
     """An example does not fit the configured prompt length."""
-
-
-def chat_text(user: str, system: str = SYSTEM) -> str:
-    """The Qwen chat template up to the assistant turn (STAR_SPEC section 3)."""
-    return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def unconditional(ids: list[int], fim_pad: int) -> list[int]:
-    """STAR_SPEC section 3: positions [1:-1] -> <|fim_pad|>, then the last 4 ids restored."""
-    out = [ids[0]] + [fim_pad] * (len(ids) - 2) + [ids[-1]]
-    out[-4:] = ids[-4:]
-    return out
 
 
 def _left_pad(rows: dict[str, list], length: int, pads: dict[str, object]) -> dict[str, np.ndarray]:
@@ -58,8 +45,8 @@ def generation_example(tok, caption: str, *, max_prompt_len: int, num_image_toke
     """Text-to-image example: chat prompt + <|vision_start|>; positions 1-D over prompt + image."""
     if not caption.strip():
         raise ValueError("empty caption")
-    ids = tok.encode(chat_text(caption)) + [tok.special("<|vision_start|>")]
-    uncond = unconditional(ids, tok.special("<|fim_pad|>"))
+    ids = chat.generation_ids(tok, caption)
+    uncond = chat.unconditional_ids(ids, tok.special("<|fim_pad|>"))
     out = _left_pad(
         {"prompt_ids": ids, "uncond_ids": uncond, "prompt_mask": [True] * len(ids)},
         max_prompt_len,
@@ -102,7 +89,7 @@ def editing_example(
     """
     if not instruction.strip():
         raise ValueError("empty instruction")
-    e = tok.encode(chat_text(instruction)) + [tok.special("<|vision_start|>")]
+    e = chat.generation_ids(tok, instruction)
     k = user_insert_index(e, tok)
     instr_end = k + len(tok.encode(instruction))  # the instruction tokens are E[k:instr_end]
     vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
@@ -164,7 +151,7 @@ def understanding_example(
         raise ValueError("empty question or answer")
     vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
     image_pad = tok.special("<|image_pad|>")
-    prompt = tok.encode(chat_text(question))
+    prompt = tok.encode(chat.chat_prompt(question))
     n_vit = 0
     if vit_grid_thw is not None:
         k = user_insert_index(prompt, tok)

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from star_jax import optim, sequences, sharding
+from star_jax import optim, sharding
 from star_jax.configs import star as star_config
 from star_jax.decode import generate, sampling
 from star_jax.models import star
+from star_jax.text import chat
 
 N_TOKENS = 16
 
@@ -33,7 +34,7 @@ def _batch(n=2, tp=12, seed=0):
     for _ in range(n):
         row = rng.randint(10, 200, tp).tolist()
         ids.append(row)
-        uncond.append(sequences.unconditional(row, fim_pad=3))
+        uncond.append(chat.unconditional_ids(row, fim_pad=3))
     positions = np.broadcast_to(np.arange(tp + N_TOKENS), (n, 3, tp + N_TOKENS)).astype(np.int32)
     return {
         "prompt_ids": np.asarray(ids, np.int32),
@@ -46,7 +47,7 @@ def _batch(n=2, tp=12, seed=0):
 
 def test_unconditional_row_matches_spec():
     ids = list(range(20, 40))
-    u = sequences.unconditional(ids, fim_pad=7)
+    u = chat.unconditional_ids(ids, fim_pad=7)
     assert u[0] == ids[0] and u[-4:] == ids[-4:]
     assert u[1:-4] == [7] * (len(ids) - 5)
 

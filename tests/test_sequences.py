@@ -1,0 +1,90 @@
+"""Sequence assembly against STAR_SPEC sections 3-4, with the built-in tokenizer."""
+
+import numpy as np
+import pytest
+
+from star_jax import sequences
+from star_jax.models import positions
+from star_jax.text import chat, tokenizer
+
+TOK = tokenizer.BuiltinTokenizer()
+VS, VE = TOK.special("<|vision_start|>"), TOK.special("<|vision_end|>")
+FIM = TOK.special("<|fim_pad|>")
+
+
+def _real(ex, key):
+    return ex[key][ex["prompt_mask"]]
+
+
+def test_generation_layout_and_unconditional_row():
+    ex = sequences.generation_example(TOK, "a photo of a red circle", max_prompt_len=40, num_image_tokens=64)
+    ids = _real(ex, "prompt_ids").tolist()
+    assert ids == chat.generation_ids(TOK, "a photo of a red circle")
+    assert TOK.decode(ids[-4:]) == "<|im_start|>assistant\n<|vision_start|>"
+    assert sequences.user_insert_index(ids, TOK) == 14  # as with Qwen's tokenizer
+    uncond = _real(ex, "uncond_ids").tolist()
+    assert uncond[0] == ids[0] and uncond[-4:] == ids[-4:] and set(uncond[1:-4]) == {FIM}
+    # Left padding: prompt positions 0..L-1, image token j at L + j, all three streams equal.
+    pos = ex["positions"]
+    assert pos.shape == (3, 40 + 64)
+    n = len(ids)
+    np.testing.assert_array_equal(pos[:, 40 - n :], np.broadcast_to(np.arange(n + 64), (3, n + 64)))
+
+
+def test_editing_layout_matches_spec_and_position_builder():
+    grid, merge, nvq = (1, 8, 8), 2, 64
+    ex = sequences.editing_example(
+        TOK,
+        "make the red circle blue",
+        max_prompt_len=160,
+        num_vq_tokens=nvq,
+        vit_grid_thw=grid,
+        spatial_merge_size=merge,
+    )
+    ids = _real(ex, "prompt_ids").tolist()
+    e = chat.generation_ids(TOK, "make the red circle blue")
+    n_vit = 16
+    newline = TOK.encode("\n")
+    expected = e[:14] + [VS] + [TOK.special("<|vision_pad|>")] * nvq + [VE, VS] + [TOK.special("<|image_pad|>")] * n_vit
+    expected += [VE] + newline + e[14:]
+    assert ids == expected
+    src, vit = _real(ex, "src_mask"), _real(ex, "vit_mask")
+    assert src.sum() == nvq and np.all(src[15 : 15 + nvq])
+    assert vit.sum() == n_vit and np.all(vit[15 + nvq + 2 : 15 + nvq + 2 + n_vit])
+    # The unconditional row drops the instruction only.
+    uncond = _real(ex, "uncond_ids").tolist()
+    instr = TOK.encode("make the red circle blue")
+    k = len(expected) - len(e) + 14
+    assert uncond[k : k + len(instr)] == [FIM] * len(instr)
+    assert uncond[:k] == ids[:k] and uncond[k + len(instr) :] == ids[k + len(instr) :]
+    # Positions: an independent implementation (positions.editing_positions) agrees.
+    pos = ex["positions"][:, 160 - len(ids) :]
+    ref = positions.editing_positions(len(e), grid, insert_at=14, num_vq_tokens=nvq, spatial_merge_size=merge)
+    np.testing.assert_array_equal(pos[:, : len(ids)], ref)
+    # Generated tokens continue 1-D from max + 1.
+    np.testing.assert_array_equal(pos[:, len(ids) :], np.broadcast_to(ref.max() + 1 + np.arange(nvq), (3, nvq)))
+
+
+def test_understanding_targets_cover_answer_and_im_end():
+    ex = sequences.understanding_example(
+        TOK, "how many circles are there?", "two", max_prompt_len=64, vit_grid_thw=(1, 8, 8), spatial_merge_size=2
+    )
+    ids = _real(ex, "prompt_ids").tolist()
+    targets = _real(ex, "text_targets").tolist()
+    reply = TOK.encode("two") + [TOK.special("<|im_end|>")]
+    assert ids[-len(reply) :] == reply
+    # position i predicts token i + 1
+    predicted = [t for t in targets if t >= 0]
+    assert predicted == reply
+    assert targets[len(ids) - len(reply) - 1] == reply[0]
+    assert _real(ex, "vit_mask").sum() == 16
+    first = ids.index(TOK.special("<|image_pad|>"))
+    pos = ex["positions"][:, 64 - len(ids) :]
+    assert pos[1, first + 15] == pos[0, first] + 3  # the ViT block spans a 4 x 4 merged grid
+
+
+def test_too_long_and_empty_inputs_raise():
+    with pytest.raises(sequences.SequenceTooLong, match="exceeds max_prompt_len=10"):
+        sequences.generation_example(TOK, "a photo of a red circle", max_prompt_len=10, num_image_tokens=4)
+    with pytest.raises(ValueError, match="empty caption"):
+        sequences.generation_example(TOK, "  ", max_prompt_len=40, num_image_tokens=4)

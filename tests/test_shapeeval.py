@@ -1,0 +1,195 @@
+"""ShapeEval: accuracy on ground truth (clean and degraded), rejection of wrong images, GenEval's logic, the CLI."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+from star_jax import shapes
+from star_jax.cli import eval as eval_cli
+from star_jax.shapes import scene as scene_lib
+from star_jax.shapes.shapeeval import Detection, evaluate_detections
+
+PER_TASK = 200
+RESOLUTION = 64
+
+
+def _noise(image, rng):
+    return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
+
+
+def _blur(image, rng):
+    return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(0.7)))
+
+
+def _jpeg(image, rng):
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", quality=50)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def ground_truth():
+    """{tag: [(scene, metadata)]}, PER_TASK validation examples per GenEval task."""
+    return {
+        tag: [
+            (ex["scene"], ex["metadata"])
+            for ex in (shapes.make_example("validation", i, "pair", tag=tag, resolution=8) for i in range(PER_TASK))
+        ]
+        for tag in shapes.GENEVAL_TAGS
+    }
+
+
+@pytest.mark.parametrize("degrade", [None, _noise, _blur, _jpeg], ids=["clean", "noise10", "blur0.7", "jpeg50"])
+def test_ground_truth_is_judged_correct(ground_truth, degrade):
+    rng = np.random.default_rng(0)
+    target = 0.995 if degrade is None else 0.97
+    for tag, items in ground_truth.items():
+        correct = 0
+        for scene, meta in items:
+            image = shapes.render(scene, RESOLUTION)
+            correct += shapes.evaluate_image(degrade(image, rng) if degrade else image, meta)[0]
+        assert correct / len(items) >= target, (tag, correct)
+
+
+def _wrong(scene: shapes.Scene, meta: dict, rng) -> shapes.Scene:
+    """A scene that contradicts `meta` the way generators fail at its task."""
+    objs = scene.objects
+    tag = meta["tag"]
+    if tag == "single_object":  # wrong class
+        return scene.replace(0, shape=next(s for s in rng.permutation(shapes.SHAPES) if s != objs[0].shape))
+    if tag == "two_object":  # a missing object
+        return scene.without(int(rng.integers(2)))
+    if tag == "counting":  # one too many or one too few
+        if rng.random() < 0.5:
+            return scene.without(0)
+        extra = scene_lib.place(rng, [(objs[0].color, objs[0].shape)], fixed=objs)
+        return scene.with_object(extra[0]) if extra else scene.without(0)
+    if tag == "colors":  # wrong colour
+        return scene.replace(0, color=next(c for c in rng.permutation(list(shapes.COLORS)) if c != objs[0].color))
+    if tag == "position":  # mirrored along the relation's axis
+        rel = meta["include"][1]["position"][0]
+        axis = "x" if rel in ("left of", "right of") else "y"
+        for i, o in enumerate(objs):
+            scene = scene.replace(i, **{axis: 1 - getattr(o, axis)})
+        return scene
+    # color_attr: colours swapped between the two objects
+    return scene.replace(0, color=objs[1].color).replace(1, color=objs[0].color)
+
+
+def test_wrong_images_are_rejected(ground_truth):
+    rng = np.random.default_rng(1)
+    for tag, items in ground_truth.items():
+        judged_correct = 0
+        for scene, meta in items:
+            wrong = _wrong(scene, meta, rng)
+            judged_correct += shapes.evaluate_image(_noise(shapes.render(wrong, RESOLUTION), rng), meta)[0]
+        assert judged_correct / len(items) <= 0.02, (tag, judged_correct)
+
+
+@pytest.mark.parametrize("resolution", [128, 384])
+def test_detect_at_high_resolution(resolution):
+    scene = shapes.Scene(
+        (
+            shapes.Obj("triangle", "green", 0.25, 0.25, 0.25),
+            shapes.Obj("cross", "white", 0.7, 0.3, 0.3),
+            shapes.Obj("diamond", "orange", 0.3, 0.75, 0.2),
+            shapes.Obj("circle", "pink", 0.75, 0.75, 0.2),
+        )
+    )
+    found = shapes.detect(shapes.render(scene, resolution))
+    assert sorted((d.shape, d.color) for d in found) == sorted((o.shape, o.color) for o in scene.objects)
+    for d in found:  # fitted boxes match the drawn ones to a pixel
+        obj = next(o for o in scene.objects if o.shape == d.shape)
+        np.testing.assert_allclose(np.array(d.box) / resolution, obj.box, atol=1.5 / resolution + 0.01)
+
+
+def _det(shape, color, x, y, score=1.0):
+    return Detection(shape, color, (x - 5, y - 5, x + 5, y + 5), score, 100)
+
+
+def test_geneval_logic():
+    red_left = _det("circle", "red", 10, 50, 0.9)
+    blue_right = _det("circle", "blue", 80, 50, 0.8)
+    square_right = _det("square", "green", 80, 50)
+    # include: at least `count`; colours only on the first `count` (highest score) objects
+    assert evaluate_detections([red_left, blue_right], {"include": [{"class": "circle", "count": 1, "color": "red"}]})[
+        0
+    ]
+    ok, reason = evaluate_detections(
+        [blue_right, red_left], {"include": [{"class": "circle", "count": 1, "color": "red"}]}
+    )
+    assert not ok and "expected red circle>=1, found 0 red" in reason
+    ok, reason = evaluate_detections([red_left], {"include": [{"class": "circle", "count": 2}]})
+    assert not ok and reason == "expected circle>=2, found 1"
+    # exclude: fewer than `count`
+    meta = {"include": [{"class": "circle", "count": 2}], "exclude": [{"class": "circle", "count": 3}]}
+    assert evaluate_detections([red_left, blue_right], meta)[0]
+    assert not evaluate_detections([red_left, blue_right, _det("circle", "red", 50, 10)], meta)[0]
+    # position against the first include's objects
+    meta = {"include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": ["left of", 0]}]}
+    assert evaluate_detections([red_left, square_right], meta)[0]
+    meta["include"][1]["position"] = ["right of", 0]
+    ok, reason = evaluate_detections([red_left, square_right], meta)
+    assert not ok and "expected circle right of target, found left of target" in reason
+    ok, reason = evaluate_detections([red_left], meta)
+    assert not ok and "no target for circle to be right of" in reason
+
+
+@pytest.mark.parametrize(
+    "image, metadata, message",
+    [
+        (np.zeros((64, 64, 3), np.float32), {"include": []}, "image: expected dtype uint8"),
+        (np.zeros((64, 64), np.uint8), {"include": []}, r"image: expected shape \[H, W, 3\]"),
+        (None, {"include": [{"class": "dog", "count": 1}]}, "metadata.include\\[0\\].class: unknown shape 'dog'"),
+        (None, {"include": [{"class": "circle", "count": 1, "color": "teal"}]}, "include\\[0\\].color: unknown colour"),
+        (None, {"include": [{"class": "circle", "count": 0}]}, "include\\[0\\].count"),
+        (None, {"exclude": [{"class": "circle"}]}, "exclude\\[0\\].count"),
+        (None, {"include": [{"class": "circle", "count": 1, "position": ["near", 0]}]}, "unknown relation 'near'"),
+        (None, {"include": [{"class": "circle", "count": 1, "position": ["above", 0]}]}, "earlier include"),
+        (None, [], "metadata: expected a dict"),
+    ],
+)
+def test_bad_input_raises(image, metadata, message):
+    image = np.full((64, 64, 3), 128, np.uint8) if image is None else image
+    with pytest.raises(ValueError, match=message):
+        shapes.evaluate_image(image, metadata)
+
+
+def test_summary_is_the_mean_of_the_six_tasks():
+    rows = [{"tag": t, "correct": i % 2 == 0, "prompt": f"{t}{i}"} for t in shapes.GENEVAL_TAGS for i in range(4)]
+    rows[0]["correct"] = False  # single_object: 1 / 4
+    rows += [{"tag": "free_form", "correct": False, "prompt": "x"}]
+    summary = shapes.summarize(rows)
+    assert summary["tasks"]["single_object"] == (0.25, 1, 4)
+    assert summary["overall"] == pytest.approx((0.25 + 5 * 0.5) / 6)
+    table = shapes.format_table(rows)
+    assert "single_object    = 25.00% (1 / 4)" in table and "Overall score (avg. over tasks): 0.45833" in table
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "gt"
+    assert eval_cli.main(["star-jax eval", "shapes", "--write_gt", "5", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 30
+    results = tmp_path / "results.jsonl"
+    assert eval_cli.main(["star-jax eval", "shapes", "--images", str(out), "--results", str(results)]) == 0
+    printed = capsys.readouterr().out
+    assert "Total images: 30" in printed and "Overall score (avg. over tasks): 1.00000" in printed
+    assert len(results.read_text().splitlines()) == 30
+
+    # GenEval's layout, with one wrong image in a prompt folder of two.
+    lines = (out / "metadata.jsonl").read_text().splitlines()
+    meta = {k: v for k, v in json.loads(lines[0]).items() if k != "filename"}
+    samples = tmp_path / "geneval" / "00000" / "samples"
+    os.makedirs(samples)
+    (samples.parent / "metadata.jsonl").write_text(json.dumps(meta))
+    Image.open(out / json.loads(lines[0])["filename"]).save(samples / "0000.png")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(samples / "0001.png")
+    assert eval_cli.main(["star-jax eval", "shapes", "--images", str(tmp_path / "geneval")]) == 0
+    printed = capsys.readouterr().out
+    assert "% correct images: 50.00%" in printed and "% correct prompts: 100.00%" in printed
+
+    assert eval_cli.main(["star-jax eval", "shapes", "--images", str(tmp_path / "empty")]) == 2
