@@ -18,7 +18,7 @@ STAGES = ("vq", "understanding", "generation", "editing")
 # no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
 TRAINABLE = {
     "vq": [r"^vq/", r"^discriminator/"],
-    "understanding": [r"^base/"],
+    "understanding": [r"^base/", r"^vision/"],
     "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
 }
@@ -56,12 +56,16 @@ def get_config(arg=None):
     config.data.path = ""  # ArrayRecord directory when source = arrayrecord
     config.data.tokenizer = "builtin"  # builtin (shapes world) | path to a Hugging Face tokenizer.json
     config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
-    config.data.vit_image_size = 112 if arg.size in ("tiny", "shapes") else 448  # pixels fed to the ViT
+    config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad
     config.data.num_train_examples = 100_000  # size of a procedurally generated split
+    config.data.num_eval_examples = 1_000  # size of a procedurally generated validation / heldout split
+    config.data.bad_check_after = 1_000  # records seen before max_bad_fraction is enforced
+    config.data.min_image_size = 16  # images with a smaller side are skipped (counted as bad)
+    config.data.max_aspect_ratio = 4.0  # images more elongated than this are skipped (counted as bad)
 
     # Mesh (data, fsdp, tensor): ICI within a slice, DCN across slices; one -1 fills the rest.
     config.mesh = ml_collections.ConfigDict()

@@ -15,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from star_jax.decode import sampling
@@ -39,7 +40,7 @@ def _pair_rows(batch: dict) -> dict:
 class _Runner:
     """Prefill and one-token steps of base + stack + head with explicit caches."""
 
-    def __init__(self, model: Star, batch: dict, num_tokens: int, vit_layout):
+    def __init__(self, model: Star, batch: dict, num_tokens: int, vit_grid):
         self.model = model
         self.batch = batch
         self.tp = batch["prompt_ids"].shape[1]
@@ -49,7 +50,11 @@ class _Runner:
         max_len = self.tp + num_tokens
         self.base_cache = qwen2.KVCache.init(cfg, cfg.num_layers, rows, max_len)
         self.stack_cache = qwen2.KVCache.init(cfg, model.star_cfg.stack_layers, rows, max_len)
-        self.vit_layout = vit_layout
+        self.vit_layout = None
+        if vit_grid is not None:  # one source image per row, all of grid (t, h, w)
+            from star_jax.models import vision
+
+            self.vit_layout = vision.vision_layout(np.tile([vit_grid], (rows, 1)), model.vision_cfg)
 
     def prefill(self):
         m, b = self.model, self.batch
@@ -79,7 +84,7 @@ class _Runner:
         "top_p",
         "cfg_mode",
         "return_logits",
-        "vit_layout",
+        "vit_grid",
     ),
 )
 def _decode(
@@ -94,14 +99,14 @@ def _decode(
     top_p,
     cfg_mode,
     return_logits,
-    vit_layout,
+    vit_grid,
 ):
     model = nnx.merge(graphdef, state)
     n = batch["prompt_ids"].shape[0]
     keys = jax.vmap(jax.random.key)(batch["seeds"])  # one key per image
 
     if cfg_mode == "fold":
-        runner = _Runner(model, _pair_rows(batch), num_tokens, vit_layout)
+        runner = _Runner(model, _pair_rows(batch), num_tokens, vit_grid)
         logits, caches = runner.prefill()
 
         def split(logits):
@@ -115,8 +120,8 @@ def _decode(
         cond_batch = {k: v for k, v in batch.items() if k not in ("uncond_ids", "seeds")}
         uncond_batch = {**cond_batch, "prompt_ids": batch["uncond_ids"]}
         runners = (
-            _Runner(model, cond_batch, num_tokens, vit_layout),
-            _Runner(model, uncond_batch, num_tokens, vit_layout),
+            _Runner(model, cond_batch, num_tokens, vit_grid),
+            _Runner(model, uncond_batch, num_tokens, vit_grid),
         )
         (lc, cc), (lu, cu) = runners[0].prefill(), runners[1].prefill()
         logits, caches = jnp.stack([lc, lu]), (cc, cu)
@@ -156,7 +161,7 @@ def generate_codes(
     top_p: float = 1.0,
     cfg_mode: str = "fold",
     return_logits: bool = False,
-    vit_layout=None,
+    vit_grid: tuple[int, int, int] | None = None,
 ):
     """Draws `num_tokens` image tokens for each of n prompts.
 
@@ -165,6 +170,7 @@ def generate_codes(
       batch: n prompts as built by `star_jax.sequences` (prompt_ids, uncond_ids, prompt_mask
         [n, Tp]; positions [n, 3, Tp + N]; optional vit_mask / pixels / src_mask / src_codes) and
         `seeds` [n] int32 (one PRNG stream per image).
+      vit_grid: the (t, h, w) patch grid of the source image when the prompts hold ViT slots.
       cfg_weight: guidance weight w in u + w (c - u); 1 gives the conditional logits.
       temperature: 0 (or top_k 1) is greedy.
     Returns:
@@ -183,6 +189,6 @@ def generate_codes(
         top_p=float(top_p),
         cfg_mode=cfg_mode,
         return_logits=return_logits,
-        vit_layout=vit_layout,
+        vit_grid=None if vit_grid is None else tuple(int(v) for v in vit_grid),
     )
     return (codes, logits) if return_logits else codes

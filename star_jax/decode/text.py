@@ -28,15 +28,14 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
 
 
 @functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, ids, mask, rng, stop_ids, *, max_new_tokens, temperature, top_k, top_p):
+def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_new_tokens, temperature, top_k, top_p):
     decoder = nnx.merge(graphdef, state)
-    b, t = ids.shape
-    # Left padding: text positions count real tokens only, as HF does from the attention mask.
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
+    b, t = mask.shape
     cache = decoder.init_cache(b, t + max_new_tokens)
-    h, cache = decoder.hidden(decoder.embed(ids), positions, cache, attention_mask_2d=mask)
+    h, cache = decoder.hidden(embeds, positions, cache, attention_mask_2d=mask)
     logits = decoder.logits(h[:, -1:])[:, 0]
-    next_pos = positions[:, -1] + 1
+    # Generated tokens continue 1-D after the largest prompt position (M-RoPE: max + 1).
+    next_pos = jnp.max(jnp.where(mask[None], positions, 0), axis=(0, 2)) + 1
 
     def pick(logits, step):
         keys = jax.vmap(lambda r: jax.random.fold_in(r, step))(rng)
@@ -62,6 +61,50 @@ def _generate(graphdef, state, ids, mask, rng, stop_ids, *, max_new_tokens, temp
     return out, step
 
 
+def generate_from_embeds(
+    decoder: qwen2.Decoder,
+    embeds: jax.Array,
+    mask: jax.Array,
+    positions: jax.Array,
+    *,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Continues left-padded prompts given as embeddings [B, T, D] (mask [B, T] bool, positions
+    [3, B, T] int32, e.g. with ViT blocks) by up to `max_new_tokens` tokens each.
+
+    Greedy when temperature is 0; a row stops at its first stop token (kept in the output).
+    Returns the generated ids per row.
+    """
+    if not stop_ids:
+        raise ValueError("stop_ids must name at least one token")
+    rng = jax.random.split(jax.random.key(seed), mask.shape[0])
+    graphdef, state = nnx.split(decoder)
+    out, steps = _generate(
+        graphdef,
+        state,
+        embeds,
+        jnp.asarray(mask),
+        jnp.asarray(positions, jnp.int32),
+        rng,
+        jnp.asarray(stop_ids, jnp.int32),
+        max_new_tokens=max_new_tokens,
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+    )
+    out = np.asarray(out)[:, : int(steps)]
+    results = []
+    for row in out:
+        stops = np.nonzero(np.isin(row, stop_ids))[0]
+        results.append(row[: stops[0] + 1].tolist() if len(stops) else row.tolist())
+    return results
+
+
 def generate_text(
     decoder: qwen2.Decoder,
     prompts: list[list[int]],
@@ -79,26 +122,19 @@ def generate_text(
     Greedy when temperature is 0; rows stop at their first stop token (which is kept in the
     output). Returns the generated ids per row, stop token included when one was produced.
     """
-    if not stop_ids:
-        raise ValueError("stop_ids must name at least one token")
     ids, mask = left_pad(prompts, pad_id)
-    rng = jax.random.split(jax.random.key(seed), len(prompts))
-    graphdef, state = nnx.split(decoder)
-    out, steps = _generate(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        rng,
-        jnp.asarray(stop_ids, jnp.int32),
+    # Left padding: text positions count real tokens only, as HF does from the attention mask.
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    embeds = decoder.embed(jnp.asarray(ids))
+    return generate_from_embeds(
+        decoder,
+        embeds,
+        mask,
+        np.broadcast_to(positions[None], (3, *positions.shape)),
         max_new_tokens=max_new_tokens,
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
+        stop_ids=stop_ids,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
     )
-    out = np.asarray(out)[:, : int(steps)]
-    results = []
-    for row in out:
-        stops = np.nonzero(np.isin(row, stop_ids))[0]
-        results.append(row[: stops[0] + 1].tolist() if len(stops) else row.tolist())
-    return results
