@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from star_jax.convert.checkpoint_files import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
@@ -136,3 +138,87 @@ def to_ref(entry: Entry, value: np.ndarray):
             yield entry.ref.format(i=i), entry.transform.to_ref(np.asarray(value[i]))
     else:
         yield entry.ref, entry.transform.to_ref(np.asarray(value))
+
+
+# -- the whole STAR model (STAR_SPEC section 8) ----------------------------------------------------
+
+# Reference prefixes of the STAR state dict, by star_jax component.
+STAR_PREFIXES = {
+    "base": "llm.",
+    "vision": "llm.visual.",
+    "stacked_ar": "stacked_ar.",
+    "pixel_adapter": "pixel_adapter.",
+    "image_head": "pixel_output_head.",
+    "vq": "pixel_encoder.",
+}
+
+
+def adapter_entries(depth: int, flax_prefix: str = "pixel_adapter/", ref_prefix: str = "pixel_adapter.") -> list[Entry]:
+    """`PixelAdapter` Linear j <-> `layers.{2j}` of the reference Sequential (GELUs sit between)."""
+    entries = []
+    for j in range(depth):
+        f, r = f"{flax_prefix}linears/{j}/", f"{ref_prefix}layers.{2 * j}."
+        entries += [Entry(f + "kernel", r + "weight", Linear()), Entry(f + "bias", r + "bias", Identity())]
+    return entries
+
+
+def star_entries(model) -> list[Entry]:
+    """Every tensor of a `star.Star` (concrete or abstract) <-> the reference STAR state dict names.
+
+    Composes the decoder table (`base/` <-> `llm.`), the vision table (`vision/` <-> `llm.visual.`,
+    from `hf_vision`), the stack (`stacked_ar/` <-> `stacked_ar.model.layers.{i}` and
+    `stacked_ar.model.norm.weight`), the adapter, the head (`image_head/` <-> `pixel_output_head.`)
+    and the VQ (`vq/` <-> `pixel_encoder.`, from `vq_mapping`), for the components the model has.
+    """
+    from flax import nnx
+
+    from star_jax.convert import hf_vision, vq_mapping
+
+    comps = model.components
+    entries: list[Entry] = []
+    if "base" in comps:
+        entries += decoder_entries(model.decoder_cfg.tie_embeddings, "base/", STAR_PREFIXES["base"])
+    if "vision" in comps:
+        entries += hf_vision.vision_entries(model.vision_cfg, "vision/", STAR_PREFIXES["vision"])
+    if "stacked_ar" in comps:
+        entries += layer_stack_entries("stacked_ar/", STAR_PREFIXES["stacked_ar"] + "model.")
+    if "pixel_adapter" in comps:
+        entries += adapter_entries(model.star_cfg.adapter_depth)
+    if "image_head" in comps:
+        head = STAR_PREFIXES["image_head"]
+        entries += [
+            Entry("image_head/kernel", head + "weight", Linear()),
+            Entry("image_head/bias", head + "bias", Identity()),
+        ]
+    if "vq" in comps:
+        paths = vq_mapping.state_paths(nnx.state(model.vq))
+        entries += [Entry("vq/" + e.flax, e.ref, e.transform) for e in vq_mapping.entries(paths, STAR_PREFIXES["vq"])]
+    return entries
+
+
+def check_dtypes(entries, want: dict[str, np.dtype], dtype_of, *, source: str, cast: bool = False) -> None:
+    """Raises one error naming every reference tensor whose dtype differs from its star_jax param.
+
+    Args:
+      entries: the mapping entries; want: star_jax path -> the param's dtype.
+      dtype_of: reference name -> np.dtype, or None when the tensor is absent (reported elsewhere).
+      cast: when True, mismatches are accepted (the caller converts explicitly).
+    """
+    if cast:
+        return
+    wrong = []
+    for e in entries:
+        target = np.dtype(want[e.flax])
+        names = [e.ref.format(i=0)] if e.stacked else [e.ref]
+        if e.stacked:  # every layer of a stacked param: a single odd layer is an error too
+            i = 1
+            while dtype_of(e.ref.format(i=i)) is not None:
+                names.append(e.ref.format(i=i))
+                i += 1
+        for name in names:
+            got = dtype_of(name)
+            if got is not None and np.dtype(got) != target:
+                wrong.append(f"{name}: expected {target}, found {np.dtype(got)}")
+    if wrong:
+        shown = ", ".join(wrong[:20]) + (" ..." if len(wrong) > 20 else "")
+        raise CheckpointError(f"{source}: wrong dtype ({len(wrong)}): {shown}; pass cast=True (--cast) to convert")

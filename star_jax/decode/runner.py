@@ -75,8 +75,9 @@ class StarRunner:
             if not has:
                 continue
             config = _read_config(stage_dir)
+            components = "understanding" if name == "understanding" else "editing"
             model = sharding.create_sharded(
-                lambda: star.build(config, "understanding" if name == "understanding" else "editing", rngs=nnx.Rngs(0)),
+                lambda c=config, s=components: star.build(c, s, rngs=nnx.Rngs(0)),
                 sharding.single_device_mesh(),
                 sharding.DEFAULT_RULES,
             )
