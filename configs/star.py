@@ -49,6 +49,18 @@ def get_config(arg=None):
     config.model.star.stack_init = "copy_last"  # copy_last | random (the paper's ablation)
     config.model.star.caption_dropout = 0.1  # fraction of rows trained unconditional (CFG)
 
+    # VQ stage losses (STAR_SPEC section 2 recipe). The perceptual loss needs user-supplied
+    # LPIPS/VGG16 weights (nothing is downloaded); with weight 0 the run logs that it is off.
+    config.vq_loss = ml_collections.ConfigDict()
+    config.vq_loss.l2 = 1.0
+    config.vq_loss.perceptual = 0.0  # the recipe uses 1.0 with LPIPS weights
+    config.vq_loss.perceptual_weights = ""  # .safetensors with vgg16 features.* and LPIPS lin*.model.1.weight
+    config.vq_loss.disc_weight = 0.5
+    config.vq_loss.disc_start = 20_000  # PatchGAN hinge loss starts after this step
+    config.vq_loss.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm_groups=32))
+    config.vq_loss.reseed_every = 0  # re-seed codes unused in the usage window from encoder outputs; 0 = off
+    config.vq_loss.reseed_until = 0  # stop re-seeding after this step (0 = never stop)
+
     # Input (star_jax/input_pipeline.py). The shapes world is generated deterministically from
     # (split, index, seed); user data comes as ArrayRecord files (data/ converts folders / JSONL).
     config.data = ml_collections.ConfigDict()

@@ -20,7 +20,6 @@ import os
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = dict
@@ -126,40 +125,13 @@ class StageCheckpoints:
 
     def restore_params(self, step: int, targets: dict[str, object]) -> dict[str, object]:
         """Restores only the saved params whose flat paths are in `targets` (flat path -> array
-        with the wanted sharding). Used to start a stage from another stage's checkpoint."""
-        meta = self.manager.item_metadata(step)["state"]
-        saved = flatten(_to_dict(meta))
-        wanted = {k: v for k, v in saved.items() if k.startswith("params/") and k[len("params/") :] in targets}
-        target = {}
-        for k, m in saved.items():
-            tgt = targets.get(k[len("params/") :]) if k in wanted else None
-            target[k] = (
-                jax.ShapeDtypeStruct(tgt.shape, tgt.dtype, sharding=tgt.sharding)
-                if tgt is not None
-                else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=_replicated())
-            )
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(unflatten(target)))
-        )["state"]
-        flat = flatten(restored)
-        return {k[len("params/") :]: flat[k] for k in wanted}
+        with the wanted sharding), reading nothing else. Used to start a stage from another's."""
+        path = os.path.join(str(self.manager.directory), str(step), "state")
+        return _restore_subset(path, targets, prefix="params/")
 
     def restore_frozen_params(self, targets: dict[str, object]) -> dict[str, object]:
         """Like `restore_params`, from the stage's frozen directory."""
-        if not self.has_frozen():
-            return {}
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = flatten(_to_dict(ckptr.metadata(self.frozen_dir).item_metadata))
-            target = {
-                k: jax.ShapeDtypeStruct(
-                    m.shape,
-                    m.dtype,
-                    sharding=targets[k].sharding if k in targets else _replicated(),
-                )
-                for k, m in meta.items()
-            }
-            flat = flatten(ckptr.restore(self.frozen_dir, unflatten(target)))
-        return {k: v for k, v in flat.items() if k in targets}
+        return _restore_subset(self.frozen_dir, targets, prefix="") if self.has_frozen() else {}
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -169,17 +141,32 @@ class StageCheckpoints:
         self.manager.close()
 
 
+def _restore_subset(path: str, targets: dict[str, object], prefix: str) -> dict[str, object]:
+    """Partial restore of the arrays under `path` whose flat path (minus `prefix`) is in `targets`,
+    each onto its target's sharding. Returns flat path (without prefix) -> array."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        saved = flatten(_to_dict(ckptr.metadata(path).item_metadata))
+        wanted = {k[len(prefix) :]: m for k, m in saved.items() if k.startswith(prefix) and k[len(prefix) :] in targets}
+        if not wanted:
+            return {}
+        target = {
+            prefix + k: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=targets[k].sharding)
+            for k, m in wanted.items()
+        }
+        for k in wanted:
+            if tuple(wanted[k].shape) != tuple(targets[k].shape):
+                raise ValueError(f"{path}: {k} has shape {tuple(wanted[k].shape)}, the model wants {tuple(targets[k].shape)}")
+        target = unflatten(target)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+    flat = flatten(restored)
+    return {k[len(prefix) :]: v for k, v in flat.items()}
+
+
 def _to_dict(tree) -> dict:
-    if hasattr(tree, "tree"):
-        tree = tree.tree
-    if isinstance(tree, dict):
+    if isinstance(tree, dict) or hasattr(tree, "items"):
         return {k: _to_dict(v) for k, v in tree.items()}
     return tree
-
-
-def _replicated():
-    devices = np.asarray(jax.devices()[:1])
-    return jax.sharding.NamedSharding(jax.sharding.Mesh(devices, ("x",)), jax.sharding.PartitionSpec())
 
 
 def _atomic_write(path: str, text: str) -> None:

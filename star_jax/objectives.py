@@ -66,3 +66,67 @@ def image_token_loss(model, batch, rng, step, *, caption_dropout: float, vit_lay
     logits = model.image_logits(batch, codes, vit_layout)
     loss, acc, _ = cross_entropy(logits, codes)
     return loss, {"image_token_accuracy": acc, "dropped_rows": jnp.mean(dropped.astype(jnp.float32))}
+
+
+def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
+    """VQ stage: L2 + quantizer losses (+ perceptual) + PatchGAN hinge, in one loss.
+
+    The generator's adversarial term sees the discriminator through stop_gradient, and the
+    discriminator's hinge loss sees stop_gradient(reconstructions), so one gradient of the sum
+    updates each network by its own objective (a simultaneous GAN step, one optimizer).
+    """
+    from flax import nnx
+
+    from star_jax import objectives_vq
+
+    images = batch["images"]
+    recon, q = model.vq(images, update_usage=True)
+    logits_fake_g = None
+    use_disc = hasattr(model, "discriminator") and cfg.disc_weight > 0
+    if use_disc:
+        graphdef, state = nnx.split(model.discriminator)
+        frozen_disc = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        logits_fake_g = frozen_disc(recon)
+    total, parts = objectives_vq.vq_generator_loss(
+        images,
+        recon,
+        q,
+        logits_fake_g,
+        step,
+        l2_weight=cfg.l2,
+        perceptual=perceptual,
+        perceptual_weight=cfg.perceptual,
+        disc_weight=cfg.disc_weight,
+        disc_start=cfg.disc_start,
+    )
+    if use_disc:
+        real = model.discriminator(images)
+        fake = model.discriminator(jax.lax.stop_gradient(recon))
+        d_loss, d_parts = objectives_vq.discriminator_hinge_loss(real, fake, step, disc_start=cfg.disc_start)
+        total = total + d_loss
+        parts |= d_parts
+    parts |= model.vq.quantize.usage_metrics(q.indices)
+    return total, {k: v for k, v in parts.items() if k != "total"}
+
+
+def reseed_dead_codes(graphdef, params, frozen, other, batch, rng, step, *, every: int, until: int):
+    """Post-update hook of the VQ stage: every `every` steps (until step `until`, 0 = always),
+    codes unused in the usage window are replaced by encoder outputs of this batch."""
+    from flax import nnx
+
+    from star_jax.models import quantizer
+
+    def reseed(params):
+        model = nnx.merge(graphdef, params, frozen, other)
+        z = jax.lax.stop_gradient(model.vq.encode_continuous(batch["images"]))
+        emb = params["vq"]["quantize"]["embedding"]
+        new, _ = quantizer.reseed_dead_codes(
+            emb, other["vq"]["quantize"]["codebook_used"], z.reshape(-1, z.shape[-1]), rng, min_count=1
+        )
+        vq = {**params["vq"], "quantize": {**params["vq"]["quantize"], "embedding": new.astype(emb.dtype)}}
+        return {**params, "vq": vq}
+
+    due = (step + 1) % every == 0
+    if until:
+        due = due & (step < until)
+    return jax.lax.cond(due, reseed, lambda p: p, params)

@@ -89,9 +89,16 @@ def objective(config, vit_layout=None):
         rate = config.model.star.caption_dropout
         return lambda m, b, r, s: objectives.image_token_loss(m, b, r, s, caption_dropout=rate, vit_layout=vit_layout)
     if stage == "vq":
+        import logging
+
         from star_jax import objectives_vq
 
-        return objectives_vq.make_objective(config)
+        vl = config.vq_loss
+        perceptual = objectives_vq.make_perceptual_loss(vl.perceptual_weights or None, vl.perceptual)
+        if perceptual is None:
+            logging.warning("VQ perceptual loss is off (config.vq_loss.perceptual = 0): L2 + GAN only")
+            print("[vq] perceptual loss off: set config.vq_loss.perceptual and .perceptual_weights to enable", flush=True)
+        return lambda m, b, r, s: objectives.vq_loss(m, b, r, s, cfg=vl, perceptual=perceptual)
     raise ValueError(f"config.stage={stage!r} has no objective")
 
 
@@ -139,8 +146,16 @@ def make_task(config):
     layout = vit_layout_for(config, rows) if uses_vit else None
     n_img = (config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)) ** 2
     tokens = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
+    post_update = None
+    if config.stage == "vq" and config.vq_loss.reseed_every:
+        import functools
+
+        post_update = functools.partial(
+            objectives.reseed_dead_codes, every=config.vq_loss.reseed_every, until=config.vq_loss.reseed_until
+        )
     return train.Task(
         build_model=build_model_fn(config),
+        post_update=post_update,
         objective=objective(config, layout),
         make_iterator=lambda pi, pc: input_pipeline.make_iterator(
             config, split="train", process_index=pi, process_count=pc

@@ -40,6 +40,8 @@ class Task:
     batch_axes: key -> logical axis names of that input (batch dimension first).
     flops_per_example / tokens_per_example: for MFU and tokens/s.
     on_log: optional (model, step, writer) -> None, e.g. sample grids.
+    post_update: optional (graphdef, params, frozen, other, batch, rng, step) -> params, run inside
+      the jitted step after the optimizer update (e.g. re-seeding dead VQ codes).
     """
 
     build_model: Callable[[], nnx.Module]
@@ -50,6 +52,7 @@ class Task:
     flops_per_example: float = 0.0
     tokens_per_example: int = 1
     on_log: Callable | None = None
+    post_update: Callable | None = None
 
 
 class _Preemption:
@@ -75,7 +78,7 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite: bool):
+def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite: bool, post_update=None):
     """The pure train step: (params, frozen, other, opt_state, batch, rng, step) ->
     (params, other, opt_state, metrics). Microbatches run under `lax.scan` and gradients are
     averaged in float32; a non-finite step leaves everything unchanged in skip mode."""
@@ -110,6 +113,8 @@ def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
+        if post_update is not None:
+            new_params = post_update(graphdef, new_params, frozen, new_other, batch, jax.random.fold_in(rng, 0x7FFFFFFF), step)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             new_params = keep(new_params, params)
@@ -175,6 +180,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
             tx,
             grad_accum=tc.grad_accum,
             skip_nonfinite=tc.nonfinite == "skip",
+            post_update=task.post_update,
         )
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
@@ -222,6 +228,8 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
                 step_metrics.update(out)
                 if step % tc.log_every == 0 or step == tc.num_steps:
                     last = step_metrics.summary() | {"lr": float(optim.schedule(tc)(step))}
+                    if hasattr(data_iter, "stats"):  # skipped / bad records of the input pipeline
+                        last |= data_iter.stats()
                     writer.scalars(step, last)
                     if task.on_log is not None:
                         task.on_log(nnx.merge(graphdef, params, frozen, other), step, writer)

@@ -29,7 +29,7 @@ from star_jax.models import qwen2
 
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
 STAGE_COMPONENTS = {
-    "vq": ("vq",),
+    "vq": ("vq", "discriminator"),
     "understanding": ("base", "vision"),
     "generation": ALL_COMPONENTS,
     "editing": ALL_COMPONENTS,
@@ -104,10 +104,11 @@ class Star(nnx.Module):
         *,
         vision_cfg=None,
         vq_cfg=None,
+        disc_cfg=None,
         components: tuple[str, ...] = ALL_COMPONENTS,
         rngs: nnx.Rngs,
     ):
-        unknown = set(components) - set(ALL_COMPONENTS)
+        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator"}
         if unknown:
             raise ValueError(f"unknown STAR components {sorted(unknown)}; known: {ALL_COMPONENTS}")
         self.components = tuple(components)
@@ -125,6 +126,10 @@ class Star(nnx.Module):
 
             self.vq = vq.VQModel(vq_cfg, rngs=rngs)
             self.vq_cfg = vq_cfg
+        if "discriminator" in components:  # the VQ stage's PatchGAN
+            from star_jax.models import discriminator
+
+            self.discriminator = discriminator.PatchGANDiscriminator(disc_cfg, rngs=rngs)
         if "stacked_ar" in components:
             self.stacked_ar = qwen2.LayerStack(decoder_cfg, star_cfg.stack_layers, rngs=rngs)
         if "pixel_adapter" in components:
@@ -225,7 +230,14 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
         from star_jax.models import vq
 
         vq_cfg = vq.VQConfig.from_dict(config.model.vq)
-    return Star(decoder_cfg, star_cfg, vision_cfg=vision_cfg, vq_cfg=vq_cfg, components=components, rngs=rngs)
+    disc_cfg = None
+    if "discriminator" in components:
+        from star_jax.models import discriminator
+
+        disc_cfg = discriminator.DiscriminatorConfig(**config.vq_loss.discriminator.to_dict())
+    return Star(
+        decoder_cfg, star_cfg, vision_cfg=vision_cfg, vq_cfg=vq_cfg, disc_cfg=disc_cfg, components=components, rngs=rngs
+    )
 
 
 def count_params(module: nnx.Module) -> int:

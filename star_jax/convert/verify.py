@@ -1,0 +1,176 @@
+"""`--verify`: exported weights loaded in PyTorch (transformers for the decoder parts) against star_jax.
+
+On fixed inputs (text ids followed by image codes, text positions), star_jax computes the base's
+text logits, the base's final-normed hidden states over [text embeddings, adapter(codebook[codes])],
+the stacked AR's output and the image logits. PyTorch recomputes the same chain from the exported
+tensors only: the base from the Hugging Face directory (`from_pretrained(local_files_only=True)`)
+or from the STAR file's `llm.` tensors, the stack as a transformers `Qwen2Model` of N layers
+holding `stacked_ar.model.*`, the adapter and head as plain torch ops. The largest absolute
+differences are returned (and printed by the CLIs). With text positions M-RoPE equals 1-D RoPE,
+so a Qwen2 decoder is the reference for the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from star_jax import sharding
+from star_jax.convert import export
+from star_jax.convert.checkpoint_files import CheckpointError
+from star_jax.models import star
+
+
+def fixed_inputs(model: star.Star, batch: int = 2, text_len: int = 10, image_len: int = 6, seed: int = 0):
+    """(ids [B, T] int32 in the text vocabulary, codes [B, N] int32 in the codebook)."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, model.decoder_cfg.vocab_size, (batch, text_len)).astype(np.int32)
+    codes = rng.randint(0, model.vq_cfg.codebook_size, (batch, image_len)).astype(np.int32)
+    return ids, codes
+
+
+def jax_outputs(model: star.Star, ids: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """star_jax's text_logits [B, T, V], stack_hidden [B, T + N, D], image_logits [B, N, K] (float32)."""
+    b, t = ids.shape
+    total = t + codes.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(total, dtype=jnp.int32), (3, b, total))
+    x = jnp.concatenate([model.base.embed(ids), model.embed_codes(codes).astype(model.base.embed(ids).dtype)], axis=1)
+    h, _ = model.base.hidden(x, positions)
+    h2, _ = model.stacked_ar(h, positions)
+    out = dict(text_logits=model.base(ids), stack_hidden=h2, image_logits=model.image_head(h2[:, t:]))
+    return {k: np.asarray(v, np.float32) for k, v in out.items()}
+
+
+def _torch(a):
+    import torch
+
+    return torch.from_numpy(np.asarray(a, np.float32).copy())
+
+
+def torch_qwen2(cfg, tensors: Mapping, prefix: str, num_layers: int, *, causal_lm: bool):
+    """A transformers Qwen2ForCausalLM (`causal_lm`) or Qwen2Model holding `{prefix}model.*` tensors (fp32)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
+
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size if causal_lm else 1,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_eps,
+        rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings and causal_lm,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    model = (Qwen2ForCausalLM if causal_lm else Qwen2Model)(hf_cfg).eval()
+    strip = prefix if causal_lm else prefix + "model."
+    keep = (prefix + "model.", prefix + "lm_head.")  # not the vision tower under llm.visual.
+    state = {n[len(strip) :]: _torch(tensors[n]) for n in tensors if n.startswith(keep)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = {"lm_head.weight"} if hf_cfg.tie_word_embeddings else set()
+    allowed |= set() if causal_lm else {"embed_tokens.weight"}
+    if set(missing) - allowed or unexpected:
+        raise ValueError(f"{prefix}: missing {sorted(set(missing) - allowed)}, unexpected {sorted(unexpected)}")
+    return model
+
+
+def _load_hf(hf_dir: str):
+    import json
+    import os
+
+    import transformers
+
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        arch = json.load(f)["architectures"][0]
+    cls = getattr(transformers, arch)
+    return cls.from_pretrained(hf_dir, local_files_only=True, dtype="float32").eval()
+
+
+def torch_outputs(model: star.Star, ids, codes, *, tensors: Mapping | None = None, hf_dir: str | None = None) -> dict:
+    """The same outputs as `jax_outputs`, computed in PyTorch from exported weights only."""
+    import torch
+
+    out, base_hidden = {}, None
+    tensors = tensors or {}
+    has = lambda prefix: any(n.startswith(prefix) for n in tensors)
+    with torch.no_grad():
+        ids_t = torch.from_numpy(ids.astype(np.int64))
+        if hf_dir:
+            hf_model = _load_hf(hf_dir)
+            out["hf_text_logits"] = hf_model(input_ids=ids_t).logits.float().numpy()
+            text = hf_model.model.language_model if hasattr(hf_model.model, "language_model") else hf_model.model
+            base_hidden = lambda x: text(inputs_embeds=x).last_hidden_state
+        if has("llm.model."):
+            base = torch_qwen2(model.decoder_cfg, tensors, "llm.", model.decoder_cfg.num_layers, causal_lm=True)
+            out["text_logits"] = base(input_ids=ids_t).logits.float().numpy()
+            base_hidden = lambda x: base.model(inputs_embeds=x).last_hidden_state
+        if base_hidden is None or not has("stacked_ar.") or not has("pixel_adapter."):
+            return out
+        codebook = _torch(tensors["pixel_encoder.quantize.embedding.weight"])
+        if model.vq_cfg.l2_norm:
+            codebook = torch.nn.functional.normalize(codebook, dim=-1)
+        x = codebook[torch.from_numpy(codes.astype(np.int64))]
+        for j in range(model.star_cfg.adapter_depth):
+            if j:
+                x = torch.nn.functional.gelu(x)  # exact (erf) GELU
+            w, b = (tensors[f"pixel_adapter.layers.{2 * j}.{k}"] for k in ("weight", "bias"))
+            x = torch.nn.functional.linear(x, _torch(w), _torch(b))
+        embed = (hf_model if hf_dir else base).get_input_embeddings()(ids_t)
+        h = base_hidden(torch.cat([embed, x], dim=1))
+        stack = torch_qwen2(model.decoder_cfg, tensors, "stacked_ar.", model.star_cfg.stack_layers, causal_lm=False)
+        h2 = stack(inputs_embeds=h).last_hidden_state
+        out["stack_hidden"] = h2.numpy()
+        w, b = (_torch(tensors[f"pixel_output_head.{k}"]) for k in ("weight", "bias"))
+        out["image_logits"] = torch.nn.functional.linear(h2[:, ids.shape[1] :], w, b).numpy()
+    return out
+
+
+def compare(model: star.Star, *, tensors: Mapping | None = None, hf_dir: str | None = None, **input_kw) -> dict:
+    """Largest |star_jax - PyTorch| per output (`hf_text_logits`, `text_logits`, `stack_hidden`,
+    `image_logits`; only those the given exports allow)."""
+    ids, codes = fixed_inputs(model, **input_kw)
+    ours = jax_outputs(model, ids, codes)
+    theirs = torch_outputs(model, ids, codes, tensors=tensors, hf_dir=hf_dir)
+    return {k: float(np.max(np.abs(ours[k.removeprefix("hf_")] - v))) for k, v in theirs.items()}
+
+
+def load_stage_model(workdir: str, stage: str, *, compute_dtype: str | None = "float32") -> star.Star:
+    """The stage's STAR with its saved params (and VQ usage buffer), built abstractly and filled
+    tensor by tensor from the checkpoint (no initialisers run). compute_dtype None keeps the config's."""
+    config = export.stage_config(workdir, stage)
+    if compute_dtype:
+        config.model.decoder.dtype = compute_dtype
+    mesh = sharding.single_device_mesh()
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        graphdef, state = nnx.get_abstract_model(lambda: star.build(config, stage, rngs=nnx.Rngs(0)), mesh)
+    reader = export.StageReader(workdir, stage)
+    try:
+        flat = dict(nnx.to_flat_state(state))
+        paths = {"/".join(map(str, p)): p for p in flat}
+        missing = sorted(set(paths) - set(reader.metadata))
+        if missing:
+            raise CheckpointError(f"{reader.dir}: step {reader.step} lacks {missing[:20]}")
+        values = reader.read_many(list(paths))
+    finally:
+        reader.close()
+    for path, key in paths.items():
+        abstract = flat[key].get_value()
+        flat[key].set_value(jax.device_put(values.pop(path).astype(abstract.dtype), abstract.sharding))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def verify_export(workdir: str, stage: str, *, tensors: Mapping | None = None, hf_dir: str | None = None) -> dict:
+    """Loads the stage in star_jax and compares with the exports; prints and returns the diffs."""
+    diffs = compare(load_stage_model(workdir, stage), tensors=tensors, hf_dir=hf_dir)
+    for name, value in diffs.items():
+        print(f"verify {name}: max |star_jax - torch| = {value:.3e}")
+    print(f"verify: largest difference {max(diffs.values(), default=float('nan')):.3e}")
+    return diffs

@@ -1,0 +1,476 @@
+"""The input pipeline of every stage on Grain: records -> per-example arrays -> process-local batches.
+
+  make_iterator(config, split=, process_index=, process_count=) -> PipelineIterator
+
+Pipeline (all seeded by `config.data.shuffle_seed`, so the same seed gives the same batches):
+
+  indices [0, n) -> this process's shard [process_index::process_count] -> shuffle(seed)
+(train split only)
+  -> repeat(num_epochs) -> load + validate + assemble (star_jax.sequences, chat template)
+  -> seeded random ops (VQ stage: horizontal flip) -> drop and count bad records (SkipBad)
+  -> batch(batch_size // process_count) -> worker processes (config.data.num_workers)
+  -> accounting in the main process (stats, log line, bad-fraction check)
+
+Sources: the procedurally generated shapes world (`config.data.source = "shapes"`: random access by
+index, no files) or a tfds ArrayRecord dataset directory (`"arrayrecord"`, `config.data.path`):
+data/shapes_world.py output, user data converted by data/convert.py, or VQ-pretokenised records.
+
+Batches per stage (numpy, batch first, B = batch_size // process_count; Tp = max_prompt_len,
+N = VQ codes per image, P = ViT patches per image):
+  vq             images [B, H, W, 3] float32 in [-1, 1]
+  generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
+                 int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
+  editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
+                 float32, src_codes [B, N] int32 / src_images [B, H, W, 3] float32
+  understanding  prompt_ids, prompt_mask, text_targets [B, Tp] (-1 = no loss), vit_mask, positions
+                 [B, 3, Tp], pixels [B, P, patch_dim]
+Prompts are left-padded to Tp (no packing: the loss masks are `prompt_mask` / `text_targets`).
+
+Bad records (records.REASONS) never crash the run: they become `Skipped` sentinels, are dropped,
+counted per reason (`PipelineIterator.stats()`, keys `data/...`) and logged; when more than
+`config.data.max_bad_fraction` of the records seen (after `config.data.bad_check_after`) are bad,
+the iterator raises `records.BadDataError` naming the fraction, the threshold and the reasons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import grain
+import numpy as np
+
+from star_jax import records, sequences
+
+STAGE_KIND = {"vq": "pairs", "generation": "pairs", "understanding": "qa", "editing": "edits"}
+SHAPES_KIND = {"pairs": "pair", "qa": "qa", "edits": "edit"}  # star_jax.shapes.make_example kinds
+READ_THREADS = 2  # threads per process (or worker) that load and assemble examples
+MAX_LOGGED = 20  # bad records logged one by one per iterator; later ones only in the periodic summary
+LOG_EVERY_S = 60.0
+
+
+def load_tokenizer(name: str):
+    """'builtin' -> the shapes world's word-level tokenizer; a path -> HF tokenizer.json wrapper."""
+    from star_jax.text import tokenizer as tokenizer_lib
+
+    return tokenizer_lib.load_tokenizer(name)
+
+
+# ------------------------------------------------------------------------------------------------
+# What one example needs (picklable: it travels into Grain worker processes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSpec:
+    """Stage, sizes and validation limits of one example, from the config."""
+
+    stage: str
+    tokenizer: str
+    max_prompt_len: int
+    vq_image_size: int
+    vq_grid: int  # codes per side; N = vq_grid ** 2
+    codebook_size: int
+    vit_image_size: int
+    patch_size: int
+    merge_size: int
+    temporal_patch_size: int
+    pretokenized: bool
+    min_image_size: int
+    max_aspect_ratio: float
+
+    @classmethod
+    def from_config(cls, config) -> ExampleSpec:
+        if config.stage not in STAGE_KIND:
+            raise ValueError(f"config.stage={config.stage!r} has no input pipeline; known: {sorted(STAGE_KIND)}")
+        vq, vision, data = config.model.vq, config.model.vision, config.data
+        if config.stage in ("understanding", "editing"):
+            vit_grid(config)  # validates vit_image_size against the patch grid
+        return cls(
+            stage=config.stage,
+            tokenizer=data.tokenizer,
+            max_prompt_len=data.max_prompt_len,
+            vq_image_size=vq.image_size,
+            vq_grid=vq.image_size // 2 ** (len(vq.ch_mult) - 1),
+            codebook_size=vq.codebook_size,
+            vit_image_size=data.vit_image_size,
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            pretokenized=bool(data.pretokenized),
+            min_image_size=data.min_image_size,
+            max_aspect_ratio=data.max_aspect_ratio,
+        )
+
+    @property
+    def kind(self) -> str:
+        return STAGE_KIND[self.stage]
+
+    @property
+    def num_codes(self) -> int:
+        return self.vq_grid**2
+
+    @property
+    def render_size(self) -> int:
+        """Resolution the shapes world is rendered at for this stage."""
+        if self.stage == "understanding":
+            return self.vit_image_size
+        if self.stage == "editing":
+            return max(self.vq_image_size, self.vit_image_size)
+        return self.vq_image_size
+
+
+def vit_grid(config) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of the ViT input of `config` (fixed: every image is resized to a square)."""
+    s, p = config.data.vit_image_size, config.model.vision.patch_size
+    factor = p * config.model.vision.spatial_merge_size
+    if s % factor:
+        raise ValueError(f"config.data.vit_image_size={s} must be a multiple of patch * merge = {factor}")
+    return (1, s // p, s // p)
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Sentinel for a bad record: where it came from and why it was skipped."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Sources
+
+
+class ShapesSource:
+    """The procedurally generated shapes world as a random-access source of decoded records.
+
+    [i] -> the record of `kind` (pairs | qa | edits) with uint8 [R, R, 3] images and str text:
+    `star_jax.shapes.make_example(split, i, ...)`, a pure function of (split, i, seed).
+    """
+
+    def __init__(self, split: str, kind: str, num_examples: int, *, resolution: int, seed: int = 0):
+        self.split, self.kind, self.num_examples = split, kind, num_examples
+        self.resolution, self.seed = resolution, seed
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> dict:
+        from star_jax import shapes
+
+        ex = shapes.make_example(
+            self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution
+        )
+        if self.kind == "pairs":
+            return {"image": ex["image"], "caption": ex["caption"], "metadata": records.json_dumps(ex["metadata"])}
+        if self.kind == "qa":
+            return {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
+        return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
+
+
+def make_source(config, split: str, spec: ExampleSpec):
+    """(source, parser): a random-access source of `split` and the bytes -> record parser (or None)."""
+    data = config.data
+    if data.source == "shapes":
+        if spec.pretokenized:
+            raise ValueError("config.data.pretokenized=True needs source='arrayrecord' (data/pretokenize_vq.py output)")
+        n = data.num_train_examples if split == "train" else data.num_eval_examples
+        return ShapesSource(split, spec.kind, n, resolution=spec.render_size, seed=config.seed), None
+    if data.source == "arrayrecord":
+        if not data.path:
+            raise ValueError("config.data.source='arrayrecord' needs config.data.path (a tfds dataset directory)")
+        directory = records.resolve_dataset_dir(data.path, spec.kind)
+        return records.ArrayRecordSource(directory, split), records.RecordParser(directory)
+    raise ValueError(f"config.data.source={data.source!r}: expected 'shapes' or 'arrayrecord'")
+
+
+# ------------------------------------------------------------------------------------------------
+# Per example
+
+
+class PrepareExample:
+    """index -> the example dict of `spec.stage` (see the module docstring), or a `Skipped`."""
+
+    def __init__(self, source, parser, spec: ExampleSpec):
+        self.source, self.parser, self.spec = source, parser, spec
+        self._tokenizer = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokenizer": None}
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.spec.tokenizer)
+        return self._tokenizer
+
+    def __call__(self, index: int):
+        try:
+            raw = self.source[int(index)]
+            record = self.parser(raw) if self.parser is not None else raw
+            return self.assemble(record)
+        except records.BadRecord as e:
+            return Skipped(int(index), e.reason, e.detail)
+        except sequences.SequenceTooLong as e:
+            return Skipped(int(index), "too_long", str(e))
+        except Exception as e:  # anything else a record can trigger is counted, not fatal
+            return Skipped(int(index), "other", f"{type(e).__name__}: {e}")
+
+    def _image(self, record: dict, name: str) -> np.ndarray:
+        s = self.spec
+        return records.decode_image(
+            records.field(record, name), name, min_size=s.min_image_size, max_aspect=s.max_aspect_ratio
+        )
+
+    def _target(self, out: dict, record: dict, image_field: str, codes_field: str, key: str) -> None:
+        """Adds `<key>codes` [N] int32 (pretokenized) or `<key>images` [H, W, 3] float32."""
+        s = self.spec
+        if s.pretokenized:
+            out[f"{key}codes"] = records.check_codes(
+                records.field(record, codes_field), codes_field, num_codes=s.num_codes, codebook_size=s.codebook_size
+            )
+        else:
+            image = records.square_image(self._image(record, image_field), s.vq_image_size)
+            out[f"{key}images"] = records.to_unit_range(image)
+
+    def _pixels(self, image: np.ndarray) -> np.ndarray:
+        """uint8 image -> ViT patches [P, 3 * temporal * patch**2] float32 at the fixed square size."""
+        from star_jax.models import vision_preprocess
+
+        s = self.spec
+        size = s.vit_image_size
+        pixels, _ = vision_preprocess.preprocess(
+            [records.square_image(image, size)],
+            min_pixels=size * size,
+            max_pixels=size * size,
+            patch_size=s.patch_size,
+            merge_size=s.merge_size,
+            temporal_patch_size=s.temporal_patch_size,
+        )
+        return pixels
+
+    def assemble(self, record: dict) -> dict:
+        s = self.spec
+        grid = (1, s.vit_image_size // s.patch_size, s.vit_image_size // s.patch_size)
+        text = lambda name: records.decode_text(records.field(record, name), name)
+        if s.stage == "vq":
+            image = records.square_image(self._image(record, "image"), s.vq_image_size)
+            return {"images": records.to_unit_range(image)}
+        if s.stage == "generation":
+            out = sequences.generation_example(
+                self.tokenizer, text("caption"), max_prompt_len=s.max_prompt_len, num_image_tokens=s.num_codes
+            )
+            self._target(out, record, "image", "codes", "")
+            return out
+        if s.stage == "editing":
+            out = sequences.editing_example(
+                self.tokenizer,
+                text("instruction"),
+                max_prompt_len=s.max_prompt_len,
+                num_vq_tokens=s.num_codes,
+                vit_grid_thw=grid,
+                spatial_merge_size=s.merge_size,
+            )
+            source = self._image(record, "source_image")
+            out["pixels"] = self._pixels(source)
+            if s.pretokenized:
+                self._target(out, record, "source_image", "source_codes", "src_")
+            else:
+                out["src_images"] = records.to_unit_range(records.square_image(source, s.vq_image_size))
+            self._target(out, record, "target_image", "target_codes", "")
+            return out
+        out = sequences.understanding_example(
+            self.tokenizer,
+            text("question"),
+            text("answer"),
+            max_prompt_len=s.max_prompt_len,
+            vit_grid_thw=grid,
+            spatial_merge_size=s.merge_size,
+        )
+        out["pixels"] = self._pixels(self._image(record, "image"))
+        return out
+
+
+def random_flip(example, rng: np.random.Generator):
+    """Seeded random op of the VQ stage: horizontal flip of `images` with probability 1/2."""
+    if isinstance(example, Skipped) or rng.random() >= 0.5:
+        return example
+    return {**example, "images": np.ascontiguousarray(example["images"][:, ::-1])}
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad-record accounting
+
+
+def check_bad_fraction(bad: np.ndarray, seen: int, max_fraction: float, check_after: int) -> None:
+    """Raises records.BadDataError when sum(bad) / seen > max_fraction (once seen >= check_after)."""
+    total = int(np.sum(bad))
+    if seen >= max(check_after, 1) and total > max_fraction * seen:
+        reasons = {r: int(n) for r, n in zip(records.REASONS, bad) if n}
+        raise records.BadDataError(
+            f"{total} of {seen} records are bad ({total / seen:.2%}), more than "
+            f"config.data.max_bad_fraction={max_fraction:.2%}; by reason: {reasons}. "
+            "Fix or filter the data (see data/README.md), or raise the threshold."
+        )
+
+
+class _SkipBadIterator(grain.DatasetIterator):
+    """Drops `Skipped` sentinels; attaches to the next good example `_bad` [len(REASONS)] int32, the
+    skips since the previous one (so counts survive worker processes and batching)."""
+
+    def __init__(self, parent, max_fraction: float, check_after: int):
+        super().__init__(parent)
+        self._max_fraction, self._check_after = max_fraction, check_after
+        self._bad = np.zeros(len(records.REASONS), np.int64)
+        self._seen = 0
+
+    def __next__(self):
+        pending = np.zeros(len(records.REASONS), np.int32)
+        while True:
+            try:
+                example = next(self._parent)
+            except StopIteration:
+                if pending.any():  # nothing left to carry them: they only reach this log line
+                    logging.warning(
+                        "data: %d bad records after the last good one at the end of the data", pending.sum()
+                    )
+                raise
+            self._seen += 1
+            if not isinstance(example, Skipped):
+                return {**example, "_bad": pending}
+            pending[records.REASON_INDEX[example.reason]] += 1
+            self._bad[records.REASON_INDEX[example.reason]] += 1
+            if self._bad.sum() <= MAX_LOGGED:
+                logging.warning("data: skipped record %d (%s): %s", example.index, example.reason, example.detail)
+            check_bad_fraction(self._bad, self._seen, self._max_fraction, self._check_after)
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "bad": self._bad.tolist(), "seen": self._seen}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._bad = np.asarray(state["bad"], np.int64)
+        self._seen = int(state["seen"])
+
+
+class SkipBad(grain.IterDataset):
+    """IterDataset transform: see `_SkipBadIterator`."""
+
+    def __init__(self, parent, max_fraction: float, check_after: int):
+        super().__init__(parent)
+        self._max_fraction, self._check_after = max_fraction, check_after
+
+    def __iter__(self):
+        return _SkipBadIterator(self._parent.__iter__(), self._max_fraction, self._check_after)
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """The iterator `make_iterator` returns: process-local numpy batches; counts records seen and
+    skipped per reason across all workers; checkpointable (`get_state` / `set_state` are JSON)."""
+
+    def __init__(self, parent, *, max_fraction: float, check_after: int, description: str = ""):
+        super().__init__(parent)
+        self._max_fraction, self._check_after = max_fraction, check_after
+        self._description = description
+        self._bad = np.zeros(len(records.REASONS), np.int64)
+        self._seen = 0
+        self._logged_bad, self._last_log = 0, 0.0
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = dict(next(self._parent))
+        bad = batch.pop("_bad").sum(axis=0)
+        self._bad += bad
+        self._seen += int(batch[next(iter(batch))].shape[0] + bad.sum())
+        total = int(self._bad.sum())
+        if total > self._logged_bad and (time.monotonic() - self._last_log > LOG_EVERY_S or not self._logged_bad):
+            logging.warning(
+                "data%s: skipped %d bad of %d records (%.3f%%): %s",
+                self._description,
+                total,
+                self._seen,
+                100 * total / self._seen,
+                self._reasons(),
+            )
+            self._logged_bad, self._last_log = total, time.monotonic()
+        check_bad_fraction(self._bad, self._seen, self._max_fraction, self._check_after)
+        return batch
+
+    def _reasons(self) -> dict[str, int]:
+        return {r: int(n) for r, n in zip(records.REASONS, self._bad) if n}
+
+    def stats(self) -> dict[str, float]:
+        """{'data/records_seen', 'data/records_bad', 'data/bad_fraction', 'data/bad/<reason>'...} so far."""
+        total = int(self._bad.sum())
+        out = {"data/records_seen": float(self._seen), "data/records_bad": float(total)}
+        out["data/bad_fraction"] = total / self._seen if self._seen else 0.0
+        out |= {f"data/bad/{r}": float(n) for r, n in self._reasons().items()}
+        return out
+
+    def get_state(self):
+        return {"pipeline": self._parent.get_state(), "bad": self._bad.tolist(), "seen": self._seen}
+
+    def set_state(self, state):
+        self._parent.set_state(state["pipeline"])
+        self._bad = np.asarray(state["bad"], np.int64)
+        self._seen = int(state["seen"])
+
+    def close(self) -> None:
+        """Stops worker processes (if any)."""
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()
+
+
+def _ensure_flags_parsed(*unused) -> None:
+    """Grain's multiprocessing reads absl flags (in the main process and in workers): outside
+    `app.run` (tests, notebooks) mark them parsed so their defaults apply."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def make_dataset(config, *, split: str = "train", process_index: int = 0, process_count: int = 1, num_epochs=None):
+    """The Grain IterDataset of `config.stage` for one process, before accounting: batches carry
+    `_bad` [B, len(REASONS)] int32, the skips before each row."""
+    spec = ExampleSpec.from_config(config)
+    batch_size = config.train.batch_size
+    if batch_size % process_count:
+        raise ValueError(f"config.train.batch_size={batch_size} is not divisible by process_count={process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} outside [0, {process_count})")
+    source, parser = make_source(config, split, spec)
+    seed = config.data.shuffle_seed
+    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    if split == "train":  # evaluation splits are read in order
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs).map(PrepareExample(source, parser, spec))
+    if spec.stage == "vq":
+        ds = ds.random_map(random_flip, seed=seed + 1)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=4 * READ_THREADS))
+    ds = SkipBad(ds, config.data.max_bad_fraction, config.data.bad_check_after)
+    ds = ds.batch(batch_size // process_count, drop_remainder=True)
+    if config.data.num_workers > 0:
+        _ensure_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.data.num_workers)
+        ds = ds.mp_prefetch(options, worker_init_fn=_ensure_flags_parsed)
+    return ds
+
+
+def make_iterator(config, *, split: str = "train", process_index: int = 0, process_count: int = 1, num_epochs=None):
+    """Process-local batches of `config.stage` (see the module docstring) as a checkpointable
+    `PipelineIterator` (a grain DatasetIterator); `num_epochs=None` repeats forever."""
+    ds = make_dataset(
+        config, split=split, process_index=process_index, process_count=process_count, num_epochs=num_epochs
+    )
+    return PipelineIterator(
+        iter(ds),
+        max_fraction=config.data.max_bad_fraction,
+        check_after=config.data.bad_check_after,
+        description=f"[{config.stage}/{split} {process_index}/{process_count}]",
+    )

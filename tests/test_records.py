@@ -1,0 +1,95 @@
+"""star_jax.records: validation reasons, image preparation, dataset layout round trip."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from star_jax import records
+
+
+def png(array, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.uint8), mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+RGB = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
+
+
+def test_decode_image_accepts_rgb_bytes_and_arrays():
+    np.testing.assert_array_equal(records.decode_image(png(RGB), "image"), RGB)
+    np.testing.assert_array_equal(records.decode_image(RGB, "image"), RGB)
+    np.testing.assert_array_equal(records.decode_image(np.array(png(RGB), dtype=object), "image"), RGB)
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        (b"not an image", "corrupt_image"),
+        (png(RGB)[:60], "corrupt_image"),  # truncated PNG
+        (b"", "corrupt_image"),
+        (png(RGB[..., 0]), "image_channels"),  # grey
+        (png(np.concatenate([RGB, RGB[..., :1]], -1)), "image_channels"),  # RGBA
+        (RGB[..., :2], "image_channels"),  # array with 2 channels
+        (RGB.astype(np.float32), "image_channels"),
+        (png(RGB[:4, :4]), "image_size"),
+        (png(np.zeros((16, 96, 3))), "image_size"),  # aspect 6 > 4
+    ],
+)
+def test_decode_image_rejects(value, reason):
+    with pytest.raises(records.BadRecord) as e:
+        records.decode_image(value, "source_image")
+    assert e.value.reason == reason
+    assert "source_image" in str(e.value)
+
+
+def test_decode_text():
+    assert records.decode_text(b" a red circle \n", "caption") == "a red circle"
+    assert records.decode_text(np.array("ok", dtype=object), "caption") == "ok"
+    for value, reason in [(b"\xff\xfebad", "non_utf8_text"), (b"   ", "empty_text"), ("", "empty_text"), (3, "other")]:
+        with pytest.raises(records.BadRecord) as e:
+            records.decode_text(value, "caption")
+        assert e.value.reason == reason and "caption" in str(e.value)
+
+
+def test_check_codes():
+    codes = records.check_codes(np.arange(16).reshape(4, 4), "codes", num_codes=16, codebook_size=16)
+    assert codes.dtype == np.int32 and codes.shape == (16,)
+    for value in [np.arange(15), np.arange(1, 17), np.full(16, -1), np.zeros(16, np.float32)]:
+        with pytest.raises(records.BadRecord, match="bad_codes: codes"):
+            records.check_codes(value, "codes", num_codes=16, codebook_size=16)
+
+
+def test_field_missing_and_none():
+    assert records.field({"a": 1}, "a") == 1
+    for record in [{"a": 1}, {"a": 1, "caption": None}]:
+        with pytest.raises(records.BadRecord, match="missing_field: 'caption' not in record"):
+            records.field(record, "caption")
+
+
+def test_square_image_and_unit_range():
+    out = records.square_image(RGB, 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    np.testing.assert_array_equal(records.square_image(RGB[:, 4:28], 24), RGB[:, 4:28])  # already square: unchanged
+    x = records.to_unit_range(np.array([0, 255], np.uint8))
+    np.testing.assert_allclose(x, [-1, 1])
+    assert x.dtype == np.float32
+
+
+def test_write_read_round_trip_and_corrupt_bytes(tmp_path):
+    examples = [(i, {"image": png(RGB), "caption": f"caption {i}", "metadata": "{}"}) for i in range(5)]
+    directory = records.write_dataset(str(tmp_path), "toy", "pairs", {"train": examples, "validation": examples[:2]})
+    assert records.resolve_dataset_dir(str(tmp_path), "pairs") == directory
+    source, parse = records.ArrayRecordSource(directory, "train"), records.RecordParser(directory)
+    assert len(source) == 5 and len(records.ArrayRecordSource(directory, "validation")) == 2
+    captions = sorted(parse(source[i])["caption"].decode() for i in range(5))
+    assert captions == [f"caption {i}" for i in range(5)]
+    np.testing.assert_array_equal(records.decode_image(parse(source[0])["image"], "image"), RGB)
+    with pytest.raises(records.BadRecord, match="corrupt_record"):
+        parse(b"\x00\x01garbage")
+    with pytest.raises(FileNotFoundError, match=r"no split 'heldout'; splits present: \['train', 'validation'\]"):
+        records.ArrayRecordSource(directory, "heldout")
+    with pytest.raises(FileNotFoundError, match="no dataset under"):
+        records.resolve_dataset_dir(str(tmp_path / "missing"))
