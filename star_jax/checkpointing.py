@@ -49,6 +49,22 @@ def unflatten(flat: dict[str, object]) -> PyTree:
     return out
 
 
+def assign_flat(tree: PyTree, flat: dict[str, object]) -> PyTree:
+    """Copy of nested `tree` with the leaves named in `flat` ('a/0/b' -> leaf) replaced. Keys are
+    matched by their string form, so nnx list indices (ints) match the string paths Orbax stores."""
+    if not flat:
+        return tree
+    out = {}
+    for k, v in tree.items():
+        key = str(k)
+        if isinstance(v, dict):
+            sub = {p[len(key) + 1 :]: x for p, x in flat.items() if p.startswith(key + "/")}
+            out[k] = assign_flat(v, sub)
+        else:
+            out[k] = flat.get(key, v)
+    return out
+
+
 def abstract_like(tree: PyTree) -> PyTree:
     """ShapeDtypeStructs (with shardings) for a tree of arrays, as Orbax restore targets."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
@@ -155,10 +171,14 @@ def _restore_subset(path: str, targets: dict[str, object], prefix: str) -> dict[
         }
         for k in wanted:
             if tuple(wanted[k].shape) != tuple(targets[k].shape):
-                raise ValueError(f"{path}: {k} has shape {tuple(wanted[k].shape)}, the model wants {tuple(targets[k].shape)}")
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(wanted[k].shape)}, the model wants {tuple(targets[k].shape)}"
+                )
         target = unflatten(target)
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True))
+        restored = ckptr.restore(
+            path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
     flat = flatten(restored)
     return {k[len(prefix) :]: v for k, v in flat.items()}
 

@@ -41,7 +41,9 @@ def load_from_stage(model: nnx.Module, workdir: str, stage: str) -> set[str]:
         loaded.update(ckpts.restore_params(step, targets))
     finally:
         ckpts.close()
-    nnx.update(model, nnx.State(checkpointing.unflatten(loaded)))
+    state = nnx.state(model, nnx.Param)
+    state.replace_by_pure_dict(checkpointing.assign_flat(state.to_pure_dict(), loaded))
+    nnx.update(model, state)
     return set(loaded)
 
 
@@ -97,7 +99,9 @@ def objective(config, vit_layout=None):
         perceptual = objectives_vq.make_perceptual_loss(vl.perceptual_weights or None, vl.perceptual)
         if perceptual is None:
             logging.warning("VQ perceptual loss is off (config.vq_loss.perceptual = 0): L2 + GAN only")
-            print("[vq] perceptual loss off: set config.vq_loss.perceptual and .perceptual_weights to enable", flush=True)
+            print(
+                "[vq] perceptual loss off: set config.vq_loss.perceptual and .perceptual_weights to enable", flush=True
+            )
         return lambda m, b, r, s: objectives.vq_loss(m, b, r, s, cfg=vl, perceptual=perceptual)
     raise ValueError(f"config.stage={stage!r} has no objective")
 

@@ -114,7 +114,9 @@ def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite:
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         if post_update is not None:
-            new_params = post_update(graphdef, new_params, frozen, new_other, batch, jax.random.fold_in(rng, 0x7FFFFFFF), step)
+            new_params = post_update(
+                graphdef, new_params, frozen, new_other, batch, jax.random.fold_in(rng, 0x7FFFFFFF), step
+            )
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             new_params = keep(new_params, params)

@@ -34,6 +34,7 @@ def _tiny_config():
         config.stage_overrides[stage].train.batch_size = 8  # one row per simulated device
         config.stage_overrides[stage].train.warmup_steps = 1
     config.stage_overrides.editing.data.max_prompt_len = 140
+    config.stage_overrides.generation.train.lr = 1e-5  # the stack stays within 3 Adam steps of its copy
     config.train.log_every = 1
     config.train.ckpt_every = 2
     return config
@@ -47,15 +48,20 @@ def demo(tmp_path_factory):
     return config, workdir, report
 
 
-def _stage_params(config, workdir, stage, prefix):
-    c = pipeline.stage_config(config, "editing")
-    model = sharding.create_sharded(
-        lambda: star.build(c, "editing", rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+@pytest.fixture(scope="module")
+def editing_model(demo):
+    config = pipeline.stage_config(demo[0], "editing")
+    return sharding.create_sharded(
+        lambda: star.build(config, "editing", rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
     )
+
+
+def _stage_params(model, workdir, stage, prefix):
+    """Params under `prefix` as stage `stage` saved them (loaded into the editing-stage model)."""
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        tasks.load_from_stage(model, workdir, stage)
+        loaded = tasks.load_from_stage(model, workdir, stage)
     flat = checkpointing.flatten(nnx.state(model, nnx.Param).to_pure_dict())
-    return {k: np.asarray(v) for k, v in flat.items() if k.startswith(prefix)}
+    return {k: np.asarray(v) for k, v in flat.items() if k.startswith(prefix) and k in loaded}
 
 
 def test_report_written(demo):
@@ -67,25 +73,26 @@ def test_report_written(demo):
     assert 0.0 <= numbers["generation"]["overall"] <= 1.0
 
 
-def test_frozen_base_is_bit_identical_after_later_stages(demo):
-    config, workdir, report = demo
+def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
+    _, workdir, report = demo
     for prefix in ("base/", "vision/", "vq/"):
         source = {"base/": "understanding", "vision/": "understanding", "vq/": "vq"}[prefix]
-        before = _stage_params(config, workdir, source, prefix)
-        after = _stage_params(config, workdir, "editing", prefix)
+        before = _stage_params(editing_model, workdir, source, prefix)
+        after = _stage_params(editing_model, workdir, "editing", prefix)
         assert before and before.keys() == after.keys()
         for k in before:
             assert np.array_equal(before[k], after[k]), k
     assert report["understanding_unchanged"]
 
 
-def test_stack_started_as_a_copy_of_the_last_base_layers(demo):
+def test_stack_started_as_a_copy_of_the_last_base_layers(demo, editing_model):
     config, workdir, _ = demo
-    # Generation's frozen dir holds the base; its first trainable save differs from the copy only by training.
-    base = _stage_params(config, workdir, "understanding", "base/stack/layers/")
+    # Each Adam step moves a param by about lr at most, so 3 steps at lr 1e-5 stay well within 1e-4.
+    base = _stage_params(editing_model, workdir, "understanding", "base/stack/layers/")
     n = config.model.star.stack_layers
-    gen = _stage_params(config, workdir, "generation", "stacked_ar/layers/")
+    gen = _stage_params(editing_model, workdir, "generation", "stacked_ar/layers/")
+    assert gen and max(np.abs(v).max() for v in gen.values()) > 1e-2  # real weights: equality is not vacuous
     for k, v in gen.items():
         b = base["base/stack/layers/" + k[len("stacked_ar/layers/") :]][-n:]
         assert v.shape == b.shape
-        assert np.corrcoef(v.ravel(), b.ravel())[0, 1] > 0.9  # a few steps of training from the copy
+        np.testing.assert_allclose(v, b, atol=1e-4, rtol=0, err_msg=k)

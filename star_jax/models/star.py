@@ -158,9 +158,12 @@ class Star(nnx.Module):
         n, total = self.star_cfg.stack_layers, self.decoder_cfg.num_layers
         if n > total:
             raise ValueError(f"stack_layers={n} > base num_layers={total}")
+        # Copies, not views: a stack param sharing a buffer with a frozen base param would be
+        # donated by the train step while the base still reads it.
         base_layers = nnx.state(self.base.stack.layers, nnx.Param)
-        nnx.update(self.stacked_ar.layers, jax.tree.map(lambda x: x[total - n :], base_layers))
-        nnx.update(self.stacked_ar.final_norm, nnx.state(self.base.stack.final_norm, nnx.Param))
+        nnx.update(self.stacked_ar.layers, jax.tree.map(lambda x: jnp.copy(x[total - n :]), base_layers))
+        final_norm = nnx.state(self.base.stack.final_norm, nnx.Param)
+        nnx.update(self.stacked_ar.final_norm, jax.tree.map(jnp.copy, final_norm))
 
     # -- embeddings ----------------------------------------------------------------------------
     def embed_codes(self, codes: jax.Array) -> jax.Array:
