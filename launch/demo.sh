@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: the shapes world, on this CPU.
+# The main job on the embedded default: every STAR stage on the shapes world, on this CPU, then
+# exact evaluation; writes runs/demo/report.md and runs/demo/samples.png. A rerun skips finished
+# stages (DONE markers) and resumes an interrupted one from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh torch,test
-exec .venv/bin/python -m star_jax.bench decoder --sizes shapes "$@"
+exec .venv/bin/star-jax pipeline --config configs/shapes_demo.py --workdir runs/demo "$@"

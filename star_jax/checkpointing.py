@@ -157,6 +157,11 @@ class StageCheckpoints:
         self.manager.close()
 
 
+def is_stage_done(workdir: str, stage: str) -> bool:
+    """Whether `stage` under `workdir` reached its last step (its DONE marker exists)."""
+    return os.path.exists(os.path.join(workdir, stage, "DONE"))
+
+
 def _restore_subset(path: str, targets: dict[str, object], prefix: str) -> dict[str, object]:
     """Partial restore of the arrays under `path` whose flat path (minus `prefix`) is in `targets`,
     each onto its target's sharding. Returns flat path (without prefix) -> array."""

@@ -21,8 +21,6 @@ COMMANDS = {
     "export": ("star_jax.cli.export", "export weights to the reference / Hugging Face layout"),
     "import": ("star_jax.cli.import_", "import reference / Hugging Face weights"),
     "bench": ("star_jax.bench.__main__", "benchmarks: decoder, data, generate, convert"),
-    "aot": ("star_jax.tools.aot", "compile a step for a target topology and print its memory"),
-    "sweep": ("star_jax.tools.sweep", "expand a sweep config into runs"),
 }
 
 

@@ -57,13 +57,14 @@ def run(config, workdir: str) -> dict:
     t_all = time.perf_counter()
     for stage in config.pipeline.stages:
         c = stage_config(config, stage)
-        ckpts = checkpointing.StageCheckpoints(workdir, stage)
-        done = ckpts.is_done()
-        ckpts.close()
+        done = checkpointing.is_stage_done(workdir, stage)
         t0 = time.perf_counter()
         if not done:
             last = train.train_and_evaluate(c, workdir, tasks.make_task(c))
             report[f"{stage}_final_metrics"] = last
+            if not checkpointing.is_stage_done(workdir, stage):
+                # Preempted (SIGTERM): the stage saved; later stages must not start from it.
+                raise SystemExit(f"[pipeline] stage {stage} was interrupted; rerun the same command to resume it")
         report["stage_wall_s"][stage] = time.perf_counter() - t0
         if stage == "understanding":
             base_runner = runner_lib.StarRunner.from_workdir(workdir, stages=("understanding",))

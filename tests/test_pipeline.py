@@ -96,3 +96,79 @@ def test_stack_started_as_a_copy_of_the_last_base_layers(demo, editing_model):
         b = base["base/stack/layers/" + k[len("stacked_ar/layers/") :]][-n:]
         assert v.shape == b.shape
         np.testing.assert_allclose(v, b, atol=1e-4, rtol=0, err_msg=k)
+
+
+# -- the inference CLIs on the demo's workdir: outputs, determinism, bad input ----------------
+
+
+def _png_bytes(directory):
+    return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory)) if n[0].isdigit()}
+
+
+def test_generate_cli_is_deterministic_and_survives_a_bad_prompt(demo, tmp_path, capsys):
+    from star_jax.cli import generate
+
+    _, workdir, _ = demo
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a red circle\n" + "a photo of " + "blue square and " * 40 + "a cat\n")
+    flags = ["--workdir", workdir, "--prompts", str(prompts), "--num", "2", "--top_k", "5", "--seed", "3"]
+    assert generate.main(["generate", *flags, "--out", str(tmp_path / "a")]) == 0
+    assert generate.main(["generate", *flags, "--out", str(tmp_path / "b")]) == 0
+    err = capsys.readouterr().err
+    assert "prompt 1 failed" in err and "max_prompt_len" in err
+    rows = [json.loads(line) for line in open(tmp_path / "a" / "samples.jsonl")]
+    assert [r.get("error") is None for r in rows] == [True, True, False]
+    a, b = _png_bytes(tmp_path / "a"), _png_bytes(tmp_path / "b")
+    assert list(a) == ["00000_0.png", "00000_1.png"] and a == b  # same seed, same images
+    assert os.path.exists(tmp_path / "a" / "grid.png")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--prompt", "   "], "empty caption"),
+        (["--prompt", "red " * 200], "max_prompt_len"),
+    ],
+)
+def test_generate_cli_bad_prompts(demo, tmp_path, capsys, argv, message):
+    from star_jax.cli import generate
+
+    assert generate.main(["generate", "--workdir", demo[1], *argv, "--out", str(tmp_path)]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_cli_unknown_workdir_and_bad_images(demo, tmp_path, capsys):
+    from star_jax.cli import edit, generate, understand
+
+    missing = str(tmp_path / "nope")
+    assert generate.main(["generate", "--workdir", missing, "--prompt", "a red circle", "--out", missing]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    for path, message in ((str(tmp_path / "absent.png"), "does not exist"), (str(corrupt), "cannot be read")):
+        assert edit.main(["edit", "--workdir", demo[1], "--image", path, "--instruction", "x", "--out", missing]) == 2
+        err = capsys.readouterr().err
+        assert path in err and message in err
+        assert understand.main(["understand", "--workdir", demo[1], "--image", path, "--question", "how many?"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_edit_and_understand_cli(demo, tmp_path, capsys):
+    from PIL import Image
+
+    from star_jax import shapes
+    from star_jax.cli import edit, understand
+
+    _, workdir, _ = demo
+    paths = []
+    for i in range(2):
+        scene = shapes.sample_scene(np.random.default_rng(i))
+        paths += ["--image", str(tmp_path / f"{i}.png")]
+        Image.fromarray(shapes.render(scene, 64)).save(tmp_path / f"{i}.png")
+    out = tmp_path / "edits"
+    argv = ["edit", "--workdir", workdir, *paths, "--instruction", "make the circle red", "--out", str(out)]
+    assert edit.main(argv) == 0
+    assert sorted(os.listdir(out)) == ["edit_000.png", "edit_001.png"]
+    argv = ["understand", "--workdir", workdir, "--image", paths[1], "--question", "how many circles are there?"]
+    assert understand.main(argv) == 0
+    assert capsys.readouterr().out.strip()  # the tiny model's answer, whatever it is

@@ -1,6 +1,9 @@
 """`python -m star_jax.bench <name>`: benchmarks that print measured numbers (never run as tests).
 
 decoder    prefill / decode tokens/s and forward FLOP/s as a fraction of a measured matmul peak
+data       build a shapes-world dataset, stream it through the generation pipeline (examples/s)
+generate   text-to-image images/s, star_jax's compiled CFG loop vs the PyTorch reference loop
+convert    export / import time and peak host memory for a STAR size
 """
 
 from __future__ import annotations
