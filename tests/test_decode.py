@@ -113,6 +113,19 @@ def test_top_p_keeps_smallest_set_reaching_p(p):
         assert set(np.flatnonzero(keep)) == set(order[:need])
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.7), (6, 1.0), (6, 0.7), (0, 1.0)])
+def test_sample_draws_from_the_filtered_distribution(top_k, top_p):
+    """`sample` (top-k candidates, no full sort) has the distribution of the reference filters."""
+    logits = jax.random.normal(jax.random.key(3), (1, 12)) * 1.5
+    n = 40_000
+    rows = jnp.broadcast_to(logits, (n, 12))
+    got = np.asarray(sampling.sample(rows, jax.random.split(jax.random.key(4), n), top_k=top_k, top_p=top_p))
+    want = np.asarray(jax.nn.softmax(sampling.top_p_filter(sampling.top_k_filter(logits, top_k), top_p), -1))[0]
+    freq = np.bincount(got, minlength=12) / n
+    assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want))  # never outside the kept set
+    np.testing.assert_allclose(freq, want, atol=0.01)
+
+
 def test_stack_is_copied_from_last_base_layers(model):
     config = star_config.get_config("size=tiny,stage=generation")
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):

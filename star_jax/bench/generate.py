@@ -132,7 +132,7 @@ def bench_size(name: str, args) -> dict:
     kw = dict(num_tokens=n_tokens, cfg_weight=sample.cfg_weight, temperature=sample.temperature)
     kw |= dict(top_k=sample.top_k, top_p=sample.top_p)
     ref = torch_reference.TorchStar.from_star(model)
-    previous = torch_reference.set_num_threads(args.torch_threads or torch_reference.num_threads())
+    previous = torch_reference.set_num_threads(args.torch_threads or len(os.sched_getaffinity(0)))
 
     def run_jax():
         jax.block_until_ready(generate.generate_codes(model, data, **kw))
@@ -187,11 +187,10 @@ def main(argv: list[str]) -> int:
         "fastest: its OpenMP threads spin against other processes",
     )
     args = p.parse_args(argv[1:])
-    from star_jax.bench import torch_reference
 
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
-        f"torch threads {args.torch_threads or torch_reference.num_threads()}, float32, batch {args.batch} images "
+        f"torch threads {args.torch_threads or len(os.sched_getaffinity(0))}, float32, batch {args.batch} images "
         f"({2 * args.batch} CFG rows), prompt {args.prompt} tokens, cfg {args.cfg}, temperature "
         f"{args.temperature}, top-k {args.top_k}, top-p {args.top_p}, {args.repeats} alternating calls per side"
     )

