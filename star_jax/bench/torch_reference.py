@@ -44,23 +44,11 @@ def reference_state_dict(model: Star) -> dict[str, np.ndarray]:
 
 
 def _qwen2_config(cfg, num_layers: int, vocab_size: int) -> Qwen2Config:
-    cfg_hf = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        rms_norm_eps=cfg.rms_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
+    from star_jax.convert.export import qwen2_text_config
+
+    return Qwen2Config(
+        **qwen2_text_config(cfg, num_layers=num_layers, vocab_size=vocab_size), tie_word_embeddings=False
     )
-    cfg_hf.head_dim = cfg.head_dim
-    return cfg_hf
 
 
 class TorchStar(torch.nn.Module):

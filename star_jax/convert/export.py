@@ -276,33 +276,40 @@ def write_torch_state_dict(safetensors_path: str, pt_path: str) -> str:
     return pt_path
 
 
-def hf_config(config, *, with_vision: bool, dtype: str) -> dict:
-    """config.json in the shape transformers 5 writes for Qwen2.5-VL (or Qwen2 without vision)."""
-    d = qwen2.DecoderConfig.from_dict(config.model.decoder)
-    text = dict(
+def qwen2_text_config(d: qwen2.DecoderConfig, *, num_layers: int | None = None, vocab_size: int | None = None) -> dict:
+    """The Hugging Face Qwen2 text-config fields of decoder config `d` (rope as 1-D `default`);
+    `num_layers` / `vocab_size` override d's (e.g. the stack: its own depth, no vocabulary)."""
+    n = d.num_layers if num_layers is None else num_layers
+    return dict(
         hidden_act="silu",
         hidden_size=d.hidden_size,
         intermediate_size=d.intermediate_size,
-        num_hidden_layers=d.num_layers,
+        num_hidden_layers=n,
         num_attention_heads=d.num_heads,
         num_key_value_heads=d.num_kv_heads,
         head_dim=d.head_dim,
         rms_norm_eps=d.rms_eps,
-        vocab_size=d.vocab_size,
+        vocab_size=d.vocab_size if vocab_size is None else vocab_size,
         max_position_embeddings=32768,
         attention_dropout=0.0,
         use_sliding_window=False,
         sliding_window=None,
-        layer_types=["full_attention"] * d.num_layers,
+        layer_types=["full_attention"] * n,
         use_cache=True,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
+        rope_parameters=dict(rope_type="default", rope_theta=float(d.rope_theta)),
     )
+
+
+def hf_config(config, *, with_vision: bool, dtype: str) -> dict:
+    """config.json in the shape transformers 5 writes for Qwen2.5-VL (or Qwen2 without vision)."""
+    d = qwen2.DecoderConfig.from_dict(config.model.decoder)
+    text = qwen2_text_config(d)
     common = dict(dtype=dtype, tie_word_embeddings=d.tie_embeddings, transformers_version="5.23.0")
     if not with_vision:
-        rope = dict(rope_type="default", rope_theta=d.rope_theta)
-        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", **text, rope_parameters=rope, **common)
+        return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", **text, **common)
     from star_jax.models import vision
 
     v = vision.VisionConfig.from_dict(config.model.vision)

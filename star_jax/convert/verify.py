@@ -55,21 +55,10 @@ def torch_qwen2(cfg, tensors: Mapping, prefix: str, num_layers: int, *, causal_l
     """A transformers Qwen2ForCausalLM (`causal_lm`) or Qwen2Model holding `{prefix}model.*` tensors (fp32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-    hf_cfg = Qwen2Config(
-        vocab_size=cfg.vocab_size if causal_lm else 1,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.rms_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings and causal_lm,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
+    from star_jax.convert.export import qwen2_text_config
+
+    fields = qwen2_text_config(cfg, num_layers=num_layers, vocab_size=None if causal_lm else 1)
+    hf_cfg = Qwen2Config(**fields, tie_word_embeddings=cfg.tie_embeddings and causal_lm)
     model = (Qwen2ForCausalLM if causal_lm else Qwen2Model)(hf_cfg).eval()
     strip = prefix if causal_lm else prefix + "model."
     keep = (prefix + "model.", prefix + "lm_head.")  # not the vision tower under llm.visual.
