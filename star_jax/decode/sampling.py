@@ -58,8 +58,8 @@ def sample(
     temperature 0 (or top_k 1) is greedy argmax. Filtering order: temperature, top-k, top-p (the
     distribution of `top_p_filter(top_k_filter(...))`). Sampling happens among candidates sorted
     by logit: the top k from `lax.top_k` when top_k is set, else a full sort only when top_p < 1.
-    A full sort of a 65,536-code row costs ~70 ms on a CPU, `lax.top_k` ~2 ms, so with both
-    filters set the sort over the vocabulary is never done.
+    On the 2-core CPU, for [8, 65,536] logits, a full argsort took 140 ms and `lax.top_k(., 1000)`
+    4 ms; with top_k set, the vocabulary is never sorted.
     """
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
