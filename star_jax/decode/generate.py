@@ -55,6 +55,10 @@ class _Runner:
             from star_jax.models import vision
 
             self.vit_layout = vision.vision_layout(np.tile([vit_grid], (rows, 1)), model.vision_cfg)
+        # Sliced (and on CPU fused) here, outside the token loop, once per call.
+        fuse = jax.default_backend() == "cpu"
+        self.base_layers = model.base.stack.per_layer_params(fuse=fuse)
+        self.stack_layers = model.stacked_ar.per_layer_params(fuse=fuse)
 
     def prefill(self):
         m, b = self.model, self.batch
@@ -62,15 +66,15 @@ class _Runner:
         pos = self.positions[:, :, : self.tp]
         h, base_cache = m.base.hidden(x, pos, self.base_cache, attention_mask_2d=b["prompt_mask"])
         h, stack_cache = m.stacked_ar(h, pos, cache=self.stack_cache, attention_mask_2d=b["prompt_mask"])
-        return m.image_head(h[:, -1]).astype(jnp.float32), (base_cache, stack_cache)
+        return m.image_head(h[:, -1]).astype(jnp.float32), (base_cache.per_layer(), stack_cache.per_layer())
 
     def step(self, tokens, j, caches):
         """tokens [R] fed at image position j -> logits [R, K] for position j + 1."""
         m = self.model
         x = m.embed_codes(tokens[:, None])
         pos = jax.lax.dynamic_slice_in_dim(self.positions, self.tp + j, 1, axis=2)
-        h, base_cache = m.base.hidden(x, pos, caches[0])
-        h, stack_cache = m.stacked_ar(h, pos, cache=caches[1])
+        h, base_cache = m.base.hidden(x, pos, caches[0], layer_params=self.base_layers)
+        h, stack_cache = m.stacked_ar(h, pos, cache=caches[1], layer_params=self.stack_layers)
         return m.image_head(h[:, 0]).astype(jnp.float32), (base_cache, stack_cache)
 
 

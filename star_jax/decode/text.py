@@ -33,6 +33,8 @@ def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_ne
     b, t = mask.shape
     cache = decoder.init_cache(b, t + max_new_tokens)
     h, cache = decoder.hidden(embeds, positions, cache, attention_mask_2d=mask)
+    cache = cache.per_layer()
+    layer_params = decoder.stack.per_layer_params(fuse=jax.default_backend() == "cpu")
     logits = decoder.logits(h[:, -1:])[:, 0]
     # Generated tokens continue 1-D after the largest prompt position (M-RoPE: max + 1).
     next_pos = jnp.max(jnp.where(mask[None], positions, 0), axis=(0, 2)) + 1
@@ -54,7 +56,7 @@ def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_ne
         tok = jnp.where(done, stop_ids[0], tok)
         out = out.at[:, step].set(tok)
         done = done | jnp.isin(tok, stop_ids)
-        h, cache = decoder.hidden(decoder.embed(tok[:, None]), pos[:, None], cache)
+        h, cache = decoder.hidden(decoder.embed(tok[:, None]), pos[:, None], cache, layer_params=layer_params)
         return step + 1, cache, decoder.logits(h)[:, 0], pos + 1, out, done
 
     step, _, _, _, out, done = jax.lax.while_loop(cond, body, (0, cache, logits, next_pos, out, done))
