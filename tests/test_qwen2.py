@@ -103,6 +103,37 @@ def test_kv_cache_decoding_equals_full_forward():
     np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, 1)), np.asarray(full), atol=1e-5)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_per_layer_cache_decoding_equals_full_forward(fuse):
+    """The decode layout (per-layer KV buffers, weights sliced once, optionally fused q/k/v and
+    gate/up matmuls) gives the full forward's logits, inside a jitted token loop."""
+    model = _build(_tiny())
+    ids = jnp.asarray(RNG.randint(0, 256, (2, 12)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    full = model(ids, positions)
+
+    @jax.jit
+    def decode(ids, positions):
+        h, cache = model.hidden(model.embed(ids[:, :5]), positions[:, :5], model.init_cache(2, 16))
+        cache = cache.per_layer()
+        assert isinstance(cache.k, tuple) and len(cache.k) == model.cfg.num_layers
+        params = model.stack.per_layer_params(fuse=fuse)
+        assert (params[0][1] is None) != fuse
+
+        def step(cache, i):
+            tok = jax.lax.dynamic_slice_in_dim(ids, i, 1, axis=1)
+            pos = jax.lax.dynamic_slice_in_dim(positions, i, 1, axis=1)
+            h, cache = model.hidden(model.embed(tok), pos, cache, layer_params=params)
+            return cache, model.logits(h)[:, 0]
+
+        cache, logits = jax.lax.scan(step, cache, jnp.arange(5, 12))
+        return model.logits(h), jnp.swapaxes(logits, 0, 1), cache.index
+
+    prefill, steps, index = decode(ids, positions)
+    assert int(index) == 12
+    np.testing.assert_allclose(np.asarray(jnp.concatenate([prefill, steps], 1)), np.asarray(full), atol=1e-5)
+
+
 def test_scan_on_off_identical_logits():
     scanned = _build(_tiny(scan_layers=True))
     unrolled = _build(_tiny(scan_layers=False))

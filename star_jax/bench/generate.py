@@ -126,6 +126,9 @@ def bench_size(name: str, args) -> dict:
     model = random_star(name)
     n_tokens = args.tokens or image_tokens(model.vq_cfg)
     lm_params = sum(star.count_params(getattr(model, c)) for c in ("base", "stacked_ar", "pixel_adapter", "image_head"))
+    # Read at every image token: all of those but the base's token embedding (image tokens enter
+    # through the codebook and adapter; no text logits are computed).
+    streamed_bytes = 4 * (lm_params - math.prod(model.base.embedding.get_value().shape))
     codebook = math.prod(model.vq.quantize.embedding.get_value().shape)
     data = synthetic_batch(args.batch, args.prompt, n_tokens, model.decoder_cfg.vocab_size)
     sample = torch_reference.SampleConfig(args.cfg, args.temperature, args.top_k, args.top_p)
@@ -159,7 +162,33 @@ def bench_size(name: str, args) -> dict:
         jax_times=jax_times,
         torch_times=torch_times,
         compile_s=max(first - min(jax_times), 0.0),
+        streamed_mib=streamed_bytes / 2**20,
+        streamed_bytes=streamed_bytes,
     )
+
+
+def weight_stream_bandwidth(rows: int, *, mib: int = 256, repeats: int = 3) -> float:
+    """Bytes/s at which this machine streams float32 weights through `rows`-row matmuls.
+
+    Decoding one token reads every weight once and does little work per byte, so this is the
+    decode roofline: [rows, 2048] @ [2048, 4096] kernels, `mib` MiB in all (far beyond the
+    last-level cache), one jitted call, best of `repeats`.
+    """
+    import jax.numpy as jnp
+
+    n = max(mib // 32, 1)
+    weights = [jnp.full((2048, 4096), 1e-4 * (i + 1), jnp.float32) for i in range(n)]
+    x = jnp.ones((rows, 2048), jnp.float32)
+
+    @jax.jit
+    def stream(x, weights):
+        for w in weights:
+            x = x + (x @ w)[:, :2048] * 1e-3
+        return x
+
+    jax.block_until_ready(stream(x, weights))
+    best = min(_seconds(lambda: jax.block_until_ready(stream(x, weights))) for _ in range(repeats))
+    return n * 2048 * 4096 * 4 / best
 
 
 def _seconds(fn) -> float:
@@ -198,6 +227,7 @@ def main(argv: list[str]) -> int:
         f"{'size':<10} {'LM params':>10} {'codebook':>9} {'tokens':>6} {'star_jax img/s':>15} "
         f"{'torch ref img/s':>16} {'speed-up':>9} {'best/best':>10} {'jax compile s':>14}"
     )
+    bandwidth = weight_stream_bandwidth(2 * args.batch)
     print(header)
     print("-" * len(header))
     for name in args.sizes.split(","):
@@ -211,6 +241,14 @@ def main(argv: list[str]) -> int:
         print(
             f"{'':<10} seconds per call: star_jax {', '.join(f'{t:.2f}' for t in r['jax_times'])}; "
             f"torch {', '.join(f'{t:.2f}' for t in r['torch_times'])}",
+            flush=True,
+        )
+        roofline = args.batch / (r["tokens"] * r["streamed_bytes"] / bandwidth)
+        print(
+            f"{'':<10} weight-bandwidth roofline: {r['streamed_mib']:.0f} MiB read per token at "
+            f"{bandwidth / 2**30:.1f} GiB/s (measured above) -> {roofline:.3f} img/s; star_jax at "
+            f"{r['jax_img_s'] / roofline:.0%}, torch at {r['torch_img_s'] / roofline:.0%}: no decoder "
+            f"can beat the reference by more than {roofline / r['torch_img_s']:.1f}x here",
             flush=True,
         )
     return 0

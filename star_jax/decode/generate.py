@@ -5,7 +5,9 @@ Rows 2i / 2i + 1 are the conditional / unconditional versions of prompt i (STAR_
 Each step combines their float32 logits as u + w (c - u), filters (temperature, top-k, top-p),
 samples one token per pair with the pair's own PRNG key, and feeds adapter(codebook[token]) to
 both rows. The base re-encodes every generated token; its final-normed output feeds the stack.
-`cfg_mode="two_pass"` runs the conditional and unconditional rows as two half-size passes
+Inside the loop the caches are in the decode layout (`KVCache.per_layer()`: one buffer per layer,
+updated in place) and each layer's weights are sliced (on CPU also fused) once per call, before
+the loop (`LayerStack.per_layer_params`). `cfg_mode="two_pass"` runs the conditional and unconditional rows as two half-size passes
 (separate caches) for when 2n rows do not fit.
 """
 
