@@ -145,3 +145,19 @@ def test_reference_sizes_by_abstract_init(size, stack, head, layer):
 def test_config_is_json_serialisable():
     config = _valid()
     assert ml_collections.ConfigDict(config.to_dict()).to_json()
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline", "import", "export"])
+def test_cli_help_and_unknown_flags_exit_cleanly(command, capsys):
+    """absl-flag commands: --help prints the flags (exit 0); an unknown flag is one line naming it (exit 2)."""
+    from star_jax import main
+
+    with pytest.raises(SystemExit) as e:
+        main.run(["star-jax", command, "--help"])
+    assert e.value.code == 0
+    assert f"usage: star-jax {command}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main.run(["star-jax", command, "--no_such_flag=1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no_such_flag" in err and "Traceback" not in err

@@ -11,6 +11,8 @@ import sys
 
 from absl import flags
 
+from star_jax.cli import common
+
 STAGES = ("editing", "generation", "understanding")
 
 
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_string("max_shard_size", "2GB", "hf format: shard size (e.g. 2GB, 500MB)", flag_values=fv)
     flags.DEFINE_enum("hf_arch", "auto", ["auto", "qwen2_5_vl", "qwen2"], "hf format: model class", flag_values=fv)
     flags.DEFINE_bool("verify", False, "load the export in PyTorch and compare logits with star_jax", flag_values=fv)
-    fv(argv)
+    common.parse_flags(fv, argv)
     if fv.workdir is None or fv.out is None:
         print("usage: star-jax export --workdir W --out DIR --format star|hf [--verify]", file=sys.stderr)
         return 2
