@@ -5,10 +5,10 @@ Rows 2i / 2i + 1 are the conditional / unconditional versions of prompt i (STAR_
 Each step combines their float32 logits as u + w (c - u), filters (temperature, top-k, top-p),
 samples one token per pair with the pair's own PRNG key, and feeds adapter(codebook[token]) to
 both rows. The base re-encodes every generated token; its final-normed output feeds the stack.
-Inside the loop the caches are in the decode layout (`KVCache.per_layer()`: one buffer per layer,
-updated in place) and each layer's weights are sliced (on CPU also fused) once per call, before
-the loop (`LayerStack.per_layer_params`). `cfg_mode="two_pass"` runs the conditional and unconditional rows as two half-size passes
-(separate caches) for when 2n rows do not fit.
+Inside the loop the caches are in the decode layout (`KVCache.per_layer()`: one buffer per
+layer, updated in place) and each layer's weights are sliced (on CPU also fused) once per call,
+before the loop (`LayerStack.per_layer_params`). `cfg_mode="two_pass"` runs the conditional and
+unconditional rows as two half-size passes (separate caches) for when 2n rows do not fit.
 """
 
 from __future__ import annotations
@@ -58,9 +58,8 @@ class _Runner:
 
             self.vit_layout = vision.vision_layout(np.tile([vit_grid], (rows, 1)), model.vision_cfg)
         # Sliced (and on CPU fused) here, outside the token loop, once per call.
-        fuse = jax.default_backend() == "cpu"
-        self.base_layers = model.base.stack.per_layer_params(fuse=fuse)
-        self.stack_layers = model.stacked_ar.per_layer_params(fuse=fuse)
+        self.base_layers = model.base.stack.per_layer_params()
+        self.stack_layers = model.stacked_ar.per_layer_params()
 
     def prefill(self):
         m, b = self.model, self.batch

@@ -34,7 +34,7 @@ def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_ne
     cache = decoder.init_cache(b, t + max_new_tokens)
     h, cache = decoder.hidden(embeds, positions, cache, attention_mask_2d=mask)
     cache = cache.per_layer()
-    layer_params = decoder.stack.per_layer_params(fuse=jax.default_backend() == "cpu")
+    layer_params = decoder.stack.per_layer_params()
     logits = decoder.logits(h[:, -1:])[:, 0]
     # Generated tokens continue 1-D after the largest prompt position (M-RoPE: max + 1).
     next_pos = jnp.max(jnp.where(mask[None], positions, 0), axis=(0, 2)) + 1

@@ -246,7 +246,7 @@ class DecoderLayer(nnx.Module):
         for the same 33 MiB in [256, 1536] vs [256, 768] kernels at 8 rows).
         """
         a, m = self.attn, self.mlp
-        d = self.attn.cfg.hidden_size
+        d = a.cfg.hidden_size
         kernels = [a.q_kernel[...], a.k_kernel[...], a.v_kernel[...]]
         biases = [a.q_bias[...], a.k_bias[...], a.v_bias[...]]
         return {
@@ -310,14 +310,16 @@ class LayerStack(nnx.Module):
         self.cfg = cfg
         self.num_layers = num_layers
 
-    def per_layer_params(self, *, fuse: bool = True) -> tuple:
+    def per_layer_params(self, *, fuse: bool | None = None) -> tuple:
         """Per layer: (its params sliced from the stack, its DecoderLayer.fused_weights() or None).
 
         For token loops, made once outside the loop: XLA:CPU did not hoist the weight slices out
         of it, and re-slicing every layer at every token took 45 % of the shapes size's decode
-        time. `fuse` adds a concatenated copy of q/k/v and gate/up (extra memory: those weights
-        once more) for wider, faster-streaming matmuls on CPU.
+        time. `fuse` (default: on the CPU backend only) adds a concatenated copy of q/k/v and
+        gate/up (extra memory: those weights once more) for wider, faster-streaming matmuls.
         """
+        if fuse is None:
+            fuse = jax.default_backend() == "cpu"
         graphdef, state = nnx.split(self.layers)
         out = []
         for i in range(self.num_layers):
