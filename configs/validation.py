@@ -64,7 +64,7 @@ def validate_vision(v, prefix="model.vision"):
 
 def validate_vq(q, prefix="model.vq"):
     _positive(q, prefix)
-    factor = 2 ** (len(q.ch_mult) - 1)
+    factor = q.get("patch_size", 1) * 2 ** (len(q.ch_mult) - 1)
     if q.image_size % factor:
         _fail(f"{prefix}.image_size", q.image_size, f"must be divisible by the downsampling factor {factor}")
     for m in q.ch_mult:

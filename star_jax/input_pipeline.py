@@ -83,6 +83,8 @@ class ExampleSpec:
     def from_config(cls, config) -> ExampleSpec:
         if config.stage not in STAGE_KIND:
             raise ValueError(f"config.stage={config.stage!r} has no input pipeline; known: {sorted(STAGE_KIND)}")
+        from star_jax.models import vq as vq_model
+
         vq, vision, data = config.model.vq, config.model.vision, config.data
         if config.stage in ("understanding", "editing"):
             vit_grid(config)  # validates vit_image_size against the patch grid
@@ -91,7 +93,7 @@ class ExampleSpec:
             tokenizer=data.tokenizer,
             max_prompt_len=data.max_prompt_len,
             vq_image_size=vq.image_size,
-            vq_grid=vq.image_size // 2 ** (len(vq.ch_mult) - 1),
+            vq_grid=vq_model.grid_size(vq),
             codebook_size=vq.codebook_size,
             vit_image_size=data.vit_image_size,
             patch_size=vision.patch_size,

@@ -18,7 +18,7 @@ import jax
 from flax import nnx
 
 from star_jax import checkpointing, objectives
-from star_jax.models import star
+from star_jax.models import star, vq
 
 
 def param_targets(model: nnx.Module) -> dict[str, jax.Array]:
@@ -129,7 +129,7 @@ def flops_per_example(config) -> float:
     from star_jax.models import qwen2
 
     cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
-    n_img = (config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)) ** 2
+    n_img = vq.grid_size(config.model.vq) ** 2
     seq = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
     if config.stage == "understanding":
         return flops.train_step_flops(flops.decoder_forward_flops(cfg, 1, seq))
@@ -148,7 +148,7 @@ def make_task(config):
     rows = config.train.batch_size // config.train.grad_accum
     uses_vit = config.stage in ("understanding", "editing")
     layout = vit_layout_for(config, rows) if uses_vit else None
-    n_img = (config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)) ** 2
+    n_img = vq.grid_size(config.model.vq) ** 2
     tokens = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
     post_update = None
     if config.stage == "vq" and config.vq_loss.reseed_every:

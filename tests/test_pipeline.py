@@ -172,3 +172,25 @@ def test_edit_and_understand_cli(demo, tmp_path, capsys):
     argv = ["understand", "--workdir", workdir, "--image", paths[1], "--question", "how many circles are there?"]
     assert understand.main(argv) == 0
     assert capsys.readouterr().out.strip()  # the tiny model's answer, whatever it is
+
+
+def test_vq_cli_reads_the_runs_trained_vq(demo, editing_model, tmp_path, capsys):
+    from PIL import Image
+
+    from star_jax.cli import vq as vq_cli
+
+    _, workdir, _ = demo
+    model = vq_cli.model_from_workdir(workdir)
+    trained = _stage_params(editing_model, workdir, "vq", "vq/")
+    ours = checkpointing.flatten(nnx.state(model, nnx.Param).to_pure_dict())
+    assert trained and all(np.array_equal(ours[k[len("vq/") :]], v) for k, v in trained.items())
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(images / "grey.png")
+    codes, out = str(tmp_path / "codes.arrayrecord"), str(tmp_path / "decoded")
+    assert vq_cli.main(["star-jax vq", "encode", "--images", str(images), "--out", codes, "--workdir", workdir]) == 0
+    assert vq_cli.main(["star-jax vq", "decode", "--codes", codes, "--out", out, "--workdir", workdir]) == 0
+    assert os.path.exists(os.path.join(out, "grey.png"))
+    assert vq_cli.main(["star-jax vq", "encode", "--images", str(images), "--out", codes, "--workdir", out]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

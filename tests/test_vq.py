@@ -89,6 +89,37 @@ def test_config_errors_name_the_field():
         vq.VQConfig.from_dict({"chmult": 1})
     with pytest.raises(ValueError, match="dtype"):
         vq.VQConfig(dtype="float8")
+    with pytest.raises(ValueError, match="patch_size=0"):
+        vq.VQConfig(patch_size=0)
+    with pytest.raises(ValueError, match="image_size=64 must be divisible by 128"):
+        vq.VQConfig(image_size=64, ch_mult=(1, 2, 2, 2), patch_size=16)
+
+
+def test_pixel_shuffle_matches_torch():
+    torch = pytest.importorskip("torch")
+    x = np.random.RandomState(0).normal(size=(2, 8, 12, 3)).astype(np.float32)
+    ours = np.asarray(vq.pixel_unshuffle(jnp.asarray(x), 4))
+    ref = torch.nn.functional.pixel_unshuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 4).permute(0, 2, 3, 1)
+    np.testing.assert_array_equal(ours, ref.numpy())  # a pure permutation: bit-exact
+    np.testing.assert_array_equal(np.asarray(vq.pixel_shuffle(jnp.asarray(ours), 4)), x)
+
+
+def test_patch_stem_equals_unshuffled_model():
+    """patch_size p is a pixel unshuffle before, and a pixel shuffle after, a model on p*p*3 channels."""
+    patched = _tiny(patch_size=2, image_size=32)
+    plain = _tiny(in_channels=12, image_size=16)  # same init order and shapes -> same params
+    assert (
+        patched.cfg.grid_size
+        == plain.cfg.grid_size
+        == 8
+        == vq.grid_size(dict(image_size=32, patch_size=2, ch_mult=(1, 2)))
+    )
+    x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    z = patched.encode_continuous(x)
+    np.testing.assert_allclose(z, plain.encode_continuous(vq.pixel_unshuffle(x, 2)), atol=1e-6)
+    np.testing.assert_allclose(patched.decode(z), vq.pixel_shuffle(plain.decode(z), 2), atol=1e-6)
+    recon, q = patched(x)
+    assert recon.shape == x.shape and q.indices.shape == (2, 8, 8)
 
 
 def test_straight_through_encoder_gradient():

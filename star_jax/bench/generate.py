@@ -52,8 +52,8 @@ def size_blocks(name: str) -> dict:
 
 
 def image_tokens(vq_cfg: vq.VQConfig) -> int:
-    """VQ codes per image: (image_size / 2^(levels - 1))^2."""
-    return (vq_cfg.image_size // 2 ** (len(vq_cfg.ch_mult) - 1)) ** 2
+    """VQ codes per image: grid_size^2."""
+    return vq_cfg.grid_size**2
 
 
 def _random_value(path: str, shape: tuple[int, ...], dtype, rng: np.random.Generator) -> np.ndarray:

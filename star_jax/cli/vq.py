@@ -1,11 +1,12 @@
 """`star-jax vq`: tokenize a folder of images into VQ codes, and decode codes back to PNGs.
 
-  star-jax vq encode --images DIR --out codes.arrayrecord [--weights FILE | --size NAME] [--batch_size 8]
-  star-jax vq decode --codes codes.arrayrecord --out DIR [--weights FILE | --size NAME]
+  star-jax vq encode --images DIR --out codes.arrayrecord [--workdir W | --weights FILE | --size NAME]
+  star-jax vq decode --codes codes.arrayrecord --out DIR [--workdir W | --weights FILE | --size NAME]
 
-The VQ comes from `--weights` (reference names: standalone `.safetensors` / `.pt` or a STAR
-checkpoint's `pixel_encoder.*`; sizes read off the shapes, or from `--size` when both are given)
-or, for smoke runs, a random init of `--size`. Images are converted to RGB, resized (bicubic) to
+The VQ comes from `--workdir` (the newest checkpoint of a run's `vq` stage, or of a later stage that
+holds the VQ frozen, with the config saved beside it), from `--weights` (reference names: standalone
+`.safetensors` / `.pt` or a STAR checkpoint's `pixel_encoder.*`; sizes read off the shapes, or from
+`--size` when both are given) or, for smoke runs, a random init of `--size`. Images are converted to RGB, resized (bicubic) to
 the VQ's `image_size` and scaled to [-1, 1]. Each ArrayRecord record is a msgpack map
 `{"name": str, "shape": [h, w], "dtype": "<i4", "codes": bytes}` (`encode_record` / `decode_record`).
 """
@@ -118,6 +119,48 @@ def build_model(weights: str | None, size: str | None, seed: int = 0, **override
         return vq.VQModel(cfg, rngs=nnx.Rngs(seed))
 
 
+VQ_STAGES = ("vq", "editing", "generation")  # stages whose checkpoints hold the VQ
+
+
+def model_from_workdir(workdir: str):
+    """The trained VQModel of a star_jax run: the first of VQ_STAGES under `workdir` with a checkpoint."""
+    import json
+
+    import ml_collections
+    from flax import nnx
+
+    from star_jax import checkpointing, sharding, tasks
+    from star_jax.models import vq
+
+    class VQOnly(nnx.Module):  # the `vq/...` param paths of a STAR checkpoint
+        def __init__(self, cfg):
+            self.vq = vq.VQModel(cfg, rngs=nnx.Rngs(0))
+
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"--workdir {workdir}: not a directory")
+    for stage in VQ_STAGES:
+        config_path = os.path.join(workdir, stage, "config.json")
+        if not os.path.exists(config_path):
+            continue
+        ckpts = checkpointing.StageCheckpoints(workdir, stage)
+        has = ckpts.latest_step() is not None
+        ckpts.close()
+        if not has:
+            continue
+        with open(config_path) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+        mesh = sharding.single_device_mesh()
+        model = sharding.create_sharded(
+            lambda c=config: VQOnly(vq.VQConfig.from_dict(c.model.vq)),
+            mesh,
+            sharding.DEFAULT_RULES,
+        )
+        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+            tasks.load_from_stage(model, workdir, stage)
+        return model.vq
+    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint of any of the stages {VQ_STAGES}")
+
+
 def _batches(items, n):
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -177,6 +220,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--images", help="encode: folder of images")
     p.add_argument("--codes", help="decode: ArrayRecord file of codes")
     p.add_argument("--out", required=True, help="encode: ArrayRecord file to write; decode: folder for PNGs")
+    p.add_argument("--workdir", help="a star_jax run: the VQ of its newest vq (or later stage) checkpoint")
     p.add_argument("--weights", help="VQ weights (.safetensors / .pt, reference names)")
     p.add_argument("--size", help="size-table name (configs/sizes.py): the config, or a random init without --weights")
     p.add_argument("--image_size", type=int, help="override the VQ's image_size (encode resize target)")
@@ -200,7 +244,13 @@ def main(argv: list[str]) -> int:
     overrides = {k: getattr(args, k) for k in ("image_size", "attn_heads", "norm_groups") if getattr(args, k)}
     overrides["dtype"] = args.dtype
     try:
-        model = build_model(args.weights, args.size, args.seed, **overrides)
+        if args.workdir and (args.weights or args.size):
+            raise ValueError("give one of --workdir, --weights and --size")
+        model = (
+            model_from_workdir(args.workdir)
+            if args.workdir
+            else build_model(args.weights, args.size, args.seed, **overrides)
+        )
         if args.action == "encode":
             n = encode_folder(model, args.images, args.out, args.batch_size)
             g = model.cfg.grid_size

@@ -16,7 +16,7 @@ from flax import nnx
 
 from star_jax import sequences, sharding
 from star_jax.decode import generate, text
-from star_jax.models import star
+from star_jax.models import star, vq
 from star_jax.text import chat, tokenizer
 
 
@@ -54,7 +54,7 @@ class StarRunner:
 
     def __init__(self, model: star.Star, config, tok):
         self.model, self.config, self.tok = model, config, tok
-        self.vq_grid = config.model.vq.image_size // 2 ** (len(config.model.vq.ch_mult) - 1)
+        self.vq_grid = vq.grid_size(config.model.vq)
         self.num_tokens = self.vq_grid**2
 
     @classmethod

@@ -41,6 +41,7 @@ class VQConfig:
 
     image_size: int = 384
     in_channels: int = 3
+    patch_size: int = 1  # > 1: pixel-unshuffle stem / pixel-shuffle head (star_jax extension; reference 1)
     ch: int = 256
     ch_mult: tuple[int, ...] = (1, 2, 2, 4, 8)
     z_channels: int = 512
@@ -72,6 +73,8 @@ class VQConfig:
         top = self.ch * self.ch_mult[-1]
         if top % self.attn_heads:
             raise ValueError(f"vq attn_heads={self.attn_heads} must divide the attention channels {top}")
+        if self.patch_size < 1:
+            raise ValueError(f"vq patch_size={self.patch_size} must be >= 1")
         if self.image_size % self.downsample_factor:
             raise ValueError(f"vq image_size={self.image_size} must be divisible by {self.downsample_factor}")
         chunk = self.chunk_size
@@ -80,7 +83,8 @@ class VQConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        """Pixels per code side: patch_size * 2^(levels - 1) (16 at the reference)."""
+        return self.patch_size * 2 ** (len(self.ch_mult) - 1)
 
     @property
     def grid_size(self) -> int:
@@ -107,6 +111,32 @@ class VQConfig:
         from star_jax.configs import sizes
 
         return cls.from_dict(sizes.get_size(size)["vq"], **overrides)
+
+
+def grid_size(block) -> int:
+    """Codes per image side of a config's `vq` block (ConfigDict or mapping), without building a VQConfig:
+    image_size / (patch_size * 2^(len(ch_mult) - 1))."""
+    get = block.get if hasattr(block, "get") else lambda k, d=None: getattr(block, k, d)
+    return get("image_size") // (get("patch_size", 1) * 2 ** (len(get("ch_mult")) - 1))
+
+
+def pixel_unshuffle(x: jax.Array, p: int) -> jax.Array:
+    """[B, H, W, C] -> [B, H/p, W/p, C*p*p], channel order (c, i, j) as torch's `F.pixel_unshuffle`."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 5, 2, 4)
+    return x.reshape(b, h // p, w // p, c * p * p)
+
+
+def pixel_shuffle(x: jax.Array, p: int) -> jax.Array:
+    """Inverse of `pixel_unshuffle`: [B, h, w, C*p*p] -> [B, h*p, w*p, C] (torch's `F.pixel_shuffle`)."""
+    if p == 1:
+        return x
+    b, h, w, cpp = x.shape
+    c = cpp // (p * p)
+    x = x.reshape(b, h, w, c, p, p).transpose(0, 1, 4, 2, 5, 3)
+    return x.reshape(b, h * p, w * p, c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,12 +316,16 @@ def _mid(channels: int, cfg: VQConfig, rngs: nnx.Rngs) -> nnx.List:
 
 
 class Encoder(nnx.Module):
-    """images [B, H, W, in_channels] -> z [B, H/f, W/f, z_channels] (f = 2^(levels-1))."""
+    """images [B, H, W, in_channels] -> z [B, H/f, W/f, z_channels] (f = patch_size * 2^(levels-1)).
+
+    With patch_size p > 1, conv_in reads p x p pixel-unshuffled patches (in_channels * p^2 channels).
+    """
 
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         chans = [cfg.ch * m for m in cfg.ch_mult]
         last = len(chans) - 1
-        self.conv_in = Conv(cfg.in_channels, cfg.ch, cfg=cfg, rngs=rngs)
+        self.patch_size = cfg.patch_size
+        self.conv_in = Conv(cfg.in_channels * cfg.patch_size**2, cfg.ch, cfg=cfg, rngs=rngs)
         blocks, block_in = [], cfg.ch
         for level, out_ch in enumerate(chans):
             resample = "down" if level != last else None
@@ -309,7 +343,7 @@ class Encoder(nnx.Module):
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """x [B, H, W, C] float in [-1, 1] -> [B, H/f, W/f, z_channels] compute dtype."""
-        h = constrain(self.conv_in(x), ACT)
+        h = constrain(self.conv_in(pixel_unshuffle(x, self.patch_size)), ACT)
         for block in self.conv_blocks:
             h = block(h, rngs, self.remat)
         for block in self.mid:
@@ -318,7 +352,10 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    """z [B, h, w, z_channels] -> images [B, h*f, w*f, in_channels]; levels run lowest resolution first."""
+    """z [B, h, w, z_channels] -> images [B, h*f, w*f, in_channels]; levels run lowest resolution first.
+
+    With patch_size p > 1, conv_out writes in_channels * p^2 channels that a pixel shuffle unfolds.
+    """
 
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         chans = [cfg.ch * m for m in cfg.ch_mult][::-1]
@@ -338,8 +375,9 @@ class Decoder(nnx.Module):
         self.conv_blocks = nnx.List(blocks)
         self.norm_out = GroupNorm(block_in, cfg=cfg, rngs=rngs)
         # 3 output channels do not divide a sharded axis: that dimension stays replicated.
-        self.conv_out = Conv(block_in, cfg.in_channels, names=("conv_in", None), cfg=cfg, rngs=rngs)
-        self.remat = cfg.remat
+        out_ch = cfg.in_channels * cfg.patch_size**2
+        self.conv_out = Conv(block_in, out_ch, names=("conv_in", None), cfg=cfg, rngs=rngs)
+        self.patch_size, self.remat = cfg.patch_size, cfg.remat
 
     def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
         """z [B, h, w, z_channels] -> [B, h*f, w*f, C] compute dtype (images in about [-1, 1])."""
@@ -348,7 +386,7 @@ class Decoder(nnx.Module):
             h = _run(block, h, rngs, self.remat)
         for block in self.conv_blocks:
             h = block(h, rngs, self.remat)
-        return self.conv_out(swish(self.norm_out(h)))
+        return pixel_shuffle(self.conv_out(swish(self.norm_out(h))), self.patch_size)
 
 
 class VQModel(nnx.Module):
