@@ -56,7 +56,7 @@ def get_config(arg=None):
 
     config.stage_overrides = ml_collections.ConfigDict(
         {
-            "vq": stage(700, 16, 2e-3, vq_loss={"reseed_until": 500 * scale}),
+            "vq": stage(600, 16, 2e-3, vq_loss={"reseed_until": 400 * scale}),
             "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64}),
             "generation": stage(110, 32, 1e-3),
             "editing": stage(50, 16, 5e-4, data={"max_prompt_len": 128}),

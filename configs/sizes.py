@@ -81,7 +81,9 @@ SIZES = {
         star=dict(stack_layers=4, adapter_depth=2),
         # 8 x 8 pixel patches into one level of convs on the 8 x 8 code grid: on this CPU it reaches
         # 28 dB in minutes, where a 4-level conv pyramid at 64 px plateaus near 22 dB (issue 3's sweep).
-        vq=_vq(64, 128, (1,), 64, 1024, 32, res_blocks=2, heads=4, groups=32, patch=8),
+        # The usage window spans 16 batches of 16 images: with one batch (the default K + 1 slots)
+        # half the live codes look dead, and re-seeding would move them.
+        vq=_vq(64, 128, (1,), 64, 1024, 32, res_blocks=2, heads=4, groups=32, patch=8) | {"usage_window": 16384},
     ),
     # Scaling ladder for sweeps: the stack grows with the base; Qwen tokenizer vocabulary.
     "ladder_xs": dict(

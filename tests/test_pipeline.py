@@ -7,6 +7,7 @@ generation and editing stages, and the report is written.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,5 +193,10 @@ def test_vq_cli_reads_the_runs_trained_vq(demo, editing_model, tmp_path, capsys)
     assert vq_cli.main(["star-jax vq", "encode", "--images", str(images), "--out", codes, "--workdir", workdir]) == 0
     assert vq_cli.main(["star-jax vq", "decode", "--codes", codes, "--out", out, "--workdir", workdir]) == 0
     assert os.path.exists(os.path.join(out, "grey.png"))
+    argv = ["star-jax vq", "ceiling", "--workdir", workdir, "--per_task", "1", "--usage_images", "64"]
+    assert vq_cli.main(argv) == 0
+    assert re.search(
+        r"VQ ceiling: ShapeEval overall [01]\.\d{3}, PSNR \d+\.\d\d dB .* usage 0\.\d{3}", capsys.readouterr().out
+    )
     assert vq_cli.main(["star-jax vq", "encode", "--images", str(images), "--out", codes, "--workdir", out]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -193,3 +193,21 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "% correct images: 50.00%" in printed and "% correct prompts: 100.00%" in printed
 
     assert eval_cli.main(["star-jax eval", "shapes", "--images", str(tmp_path / "empty")]) == 2
+
+
+def test_vq_ceiling_and_codebook_usage_of_known_round_trips():
+    from star_jax.eval import shapes_world
+
+    exact = shapes_world.vq_ceiling(lambda images: images, per_task=2)
+    assert exact["summary"]["overall"] == 1.0 and exact["psnr"] > 100  # an identity tokenizer is perfect
+    grey = shapes_world.vq_ceiling(lambda images: np.full_like(images, 128), per_task=2)
+    assert grey["summary"]["overall"] == 0.0 and grey["psnr"] < 30
+    # A fake encoder that writes the code 7 * image index: 70 images use 70 distinct codes of 1000.
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        start = sum(calls[:-1])
+        return np.arange(start, start + len(images))[:, None, None] * 7 % 1000 * np.ones((1, 2, 2), int)
+
+    assert shapes_world.codebook_usage(encode, 1000, num=70) == 0.07 and calls == [64, 6]

@@ -2,6 +2,11 @@
 
   star-jax vq encode --images DIR --out codes.arrayrecord [--workdir W | --weights FILE | --size NAME]
   star-jax vq decode --codes codes.arrayrecord --out DIR [--workdir W | --weights FILE | --size NAME]
+  star-jax vq ceiling --workdir W [--per_task 16] [--usage_images 1024]
+
+`ceiling` scores a VQ on the shapes world: PSNR and ShapeEval of round trips of validation renders
+(GenEval's six tasks, `--per_task` prompts each: the ceiling of any generator on this tokenizer) and
+the fraction of the codebook used over `--usage_images` renders.
 
 The VQ comes from `--workdir` (the newest checkpoint of a run's `vq` stage, or of a later stage that
 holds the VQ frozen, with the config saved beside it), from `--weights` (reference names: standalone
@@ -216,10 +221,12 @@ def decode_codes_to_folder(model, codes_path: str, out: str, batch_size: int = 8
 
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["encode", "decode"])
+    p.add_argument("action", choices=["encode", "decode", "ceiling"])
     p.add_argument("--images", help="encode: folder of images")
     p.add_argument("--codes", help="decode: ArrayRecord file of codes")
-    p.add_argument("--out", required=True, help="encode: ArrayRecord file to write; decode: folder for PNGs")
+    p.add_argument("--out", help="encode: ArrayRecord file to write; decode: folder for PNGs")
+    p.add_argument("--per_task", type=int, default=16, help="ceiling: prompts per GenEval task")
+    p.add_argument("--usage_images", type=int, default=1024, help="ceiling: renders for codebook usage")
     p.add_argument("--workdir", help="a star_jax run: the VQ of its newest vq (or later stage) checkpoint")
     p.add_argument("--weights", help="VQ weights (.safetensors / .pt, reference names)")
     p.add_argument("--size", help="size-table name (configs/sizes.py): the config, or a random init without --weights")
@@ -241,6 +248,8 @@ def main(argv: list[str]) -> int:
         parser.error("encode needs --images DIR")
     if args.action == "decode" and not args.codes:
         parser.error("decode needs --codes FILE")
+    if args.action != "ceiling" and not args.out:
+        parser.error(f"{args.action} needs --out")
     overrides = {k: getattr(args, k) for k in ("image_size", "attn_heads", "norm_groups") if getattr(args, k)}
     overrides["dtype"] = args.dtype
     try:
@@ -255,9 +264,19 @@ def main(argv: list[str]) -> int:
             n = encode_folder(model, args.images, args.out, args.batch_size)
             g = model.cfg.grid_size
             print(f"encoded {n} images to {args.out} ({g}x{g} codes each)")
-        else:
+        elif args.action == "decode":
             n = decode_codes_to_folder(model, args.codes, args.out, args.batch_size)
             print(f"decoded {n} images to {args.out}")
+        else:
+            from star_jax.eval import shapes_world
+
+            r = shapes_world.vq_report(model, per_task=args.per_task, usage_images=args.usage_images)
+            print(r["table"])
+            print(
+                f"VQ ceiling: ShapeEval overall {r['summary']['overall']:.3f}, PSNR {r['psnr']:.2f} dB "
+                f"({6 * args.per_task} validation renders); codebook usage {r['codebook_usage']:.3f} "
+                f"over {args.usage_images} renders"
+            )
     except (OSError, ValueError, KeyError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
