@@ -67,6 +67,8 @@ def _valid():
         ("model.vision.window_size", 50, r"config.model.vision.window_size=50"),
         ("model.vq.image_size", 33, r"config.model.vq.image_size=33"),
         ("model.vq.codebook_size", 0, r"config.model.vq.codebook_size=0: must be positive"),
+        ("model.vq.patch_size", 0, r"config.model.vq.patch_size=0: must be positive"),
+        ("model.vq.patch_size", 3, r"config.model.vq.image_size=32: must be divisible by the downsampling factor 12"),
         ("model.star.stack_layers", 9, r"config.model.star.stack_layers=9: cannot copy more layers"),
         ("stage", "pretraining", r"config.stage='pretraining': unknown stage"),
         ("size", "huge", r"config.size='huge': unknown size"),

@@ -17,7 +17,8 @@ import pytest
 import train_fixtures
 from flax import nnx
 
-from star_jax import checkpointing, optim, sharding, train
+from star_jax import checkpointing, optim, sharding, tasks, train
+from star_jax.configs import star
 from star_jax.models import qwen2
 
 HERE = os.path.dirname(__file__)
@@ -214,3 +215,26 @@ def test_gradient_accumulation_matches_full_batch():
 def test_decoder_config_roundtrip():
     cfg = train_fixtures.config()
     assert qwen2.DecoderConfig.from_dict(cfg.model.decoder).hidden_size == 64
+
+
+@pytest.mark.parametrize("disc_weight", [0.0, 0.5])
+def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight):
+    """The VQ stage of the common trainer: with a GAN weight the discriminator is built, trained
+    (its hinge loss logged from `disc_start`) and checkpointed; without one it does not exist."""
+    c = star.get_config("size=tiny,stage=vq,runlocal")
+    c.model.vq.image_size, c.data.max_prompt_len = 32, 16
+    c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 3, 8, 1, 3
+    c.train.warmup_steps = 1
+    c.vq_loss.disc_weight, c.vq_loss.disc_start = disc_weight, 1
+    c.vq_loss.discriminator.ndf, c.vq_loss.discriminator.norm_groups = 8, 8
+    last = train.train_and_evaluate(c, str(tmp_path), tasks.make_task(c))
+    assert np.isfinite(last["loss"]) and last["psnr"] > 0
+    ckpts = checkpointing.StageCheckpoints(str(tmp_path), "vq")
+    saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step()))
+    ckpts.close()
+    has_disc = any("discriminator" in k for k in saved)
+    assert has_disc == (disc_weight > 0)
+    if disc_weight:
+        assert last["disc"] > 0 and "gen_adv" in last
+    else:
+        assert "disc" not in last

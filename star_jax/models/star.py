@@ -222,6 +222,8 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
     decoder_cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
     star_cfg = StarConfig.from_dict(config.model.star)
     components = STAGE_COMPONENTS[stage or config.stage]
+    if "discriminator" in components and not config.get("vq_loss", {}).get("disc_weight", 0.0):
+        components = tuple(c for c in components if c != "discriminator")  # no GAN term: no PatchGAN params
     vision_cfg = vq_cfg = None
     if "vision" in components:
         from star_jax.models import vision
