@@ -7,9 +7,9 @@ r"""The shapes-world demo: every STAR stage on this CPU, then exact evaluation.
 `joint` is the ablation of STAR's central claim: the generation and editing stages also train the
 base (decoder + ViT) instead of freezing it; its report shows what that does to understanding.
 
-Step counts are sized from step times measured on the 2-core CPU (f32; batch 32, editing 16):
-vq 0.26 s (batch 16), understanding 1.5 s, generation 1.9 s, editing 1.95 s, so that the demo (plus about
-20 s of compilation per stage and the evaluation) fits in 15 minutes.
+Step counts are sized from step times measured on the 2-core CPU on 2026-11-29 (f32; batch 32,
+vq and editing 16): vq 0.36 s, understanding 2.0 s, generation 1.9 s, editing 2.0 s, so that the
+demo (plus about 20 s of compilation per stage and the evaluation) fits in 15 minutes.
 
 Stage-specific settings live in `config.stage_overrides.<stage>` (merged onto the shared config
 when that stage runs); each can be overridden from the command line, e.g.
