@@ -57,6 +57,7 @@ def get_config(arg=None):
     config.vq_loss.perceptual_weights = ""  # .safetensors with vgg16 features.* and LPIPS lin*.model.1.weight
     config.vq_loss.disc_weight = 0.5
     config.vq_loss.disc_start = 20_000  # PatchGAN hinge loss starts after this step
+    config.vq_loss.disc_adaptive = False  # scale the GAN term by ||grad rec|| / ||grad gan|| at the last layer
     config.vq_loss.discriminator = ml_collections.ConfigDict(dict(ndf=64, n_layers=3, norm_groups=32))
     config.vq_loss.reseed_every = 0  # re-seed codes unused in the usage window from encoder outputs; 0 = off
     config.vq_loss.reseed_until = 0  # stop re-seeding after this step (0 = never stop)

@@ -80,13 +80,28 @@ def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
     from star_jax import objectives_vq
 
     images = batch["images"]
-    recon, q = model.vq(images, update_usage=True)
-    logits_fake_g = None
+    vq = model.vq
+    q = vq.encode(images, update_usage=True)
+    features = vq.decoder.features(vq.post_quant_conv(q.z_q))
+    recon = vq.decoder.head(features).astype(jnp.float32)  # = vq(images)[0], keeping the features
+    logits_fake_g, adaptive = None, 1.0
     use_disc = hasattr(model, "discriminator") and cfg.disc_weight > 0
     if use_disc:
         graphdef, state = nnx.split(model.discriminator)
         frozen_disc = nnx.merge(graphdef, jax.lax.stop_gradient(state))
         logits_fake_g = frozen_disc(recon)
+        if cfg.get("disc_adaptive", False):
+            head = lambda w: vq.decoder.head(features, w).astype(jnp.float32)
+
+            def rec_loss_of(w):  # LlamaGen's "nll" term: reconstruction + perceptual
+                rec = cfg.l2 * objectives_vq.l2_reconstruction(images, head(w))
+                return rec + (cfg.perceptual * perceptual(images, head(w)) if perceptual is not None else 0.0)
+
+            adaptive = objectives_vq.adaptive_gan_weight(
+                rec_loss_of,
+                lambda w: objectives_vq.hinge_generator_loss(frozen_disc(head(w))),
+                vq.decoder.conv_out.kernel[...],
+            )
     total, parts = objectives_vq.vq_generator_loss(
         images,
         recon,
@@ -98,8 +113,10 @@ def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
         perceptual_weight=cfg.perceptual,
         disc_weight=cfg.disc_weight,
         disc_start=cfg.disc_start,
+        adaptive_weight=adaptive,
     )
     if use_disc:
+        parts["disc_adaptive_weight"] = jnp.asarray(adaptive, jnp.float32)
         real = model.discriminator(images)
         fake = model.discriminator(jax.lax.stop_gradient(recon))
         d_loss, d_parts = objectives_vq.discriminator_hinge_loss(real, fake, step, disc_start=cfg.disc_start)

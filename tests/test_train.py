@@ -217,15 +217,15 @@ def test_decoder_config_roundtrip():
     assert qwen2.DecoderConfig.from_dict(cfg.model.decoder).hidden_size == 64
 
 
-@pytest.mark.parametrize("disc_weight", [0.0, 0.5])
-def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight):
+@pytest.mark.parametrize("disc_weight,adaptive", [(0.0, False), (0.5, False), (0.5, True)])
+def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight, adaptive):
     """The VQ stage of the common trainer: with a GAN weight the discriminator is built, trained
     (its hinge loss logged from `disc_start`) and checkpointed; without one it does not exist."""
     c = star.get_config("size=tiny,stage=vq,runlocal")
     c.model.vq.image_size, c.data.max_prompt_len = 32, 16
     c.train.num_steps, c.train.batch_size, c.train.log_every, c.train.ckpt_every = 3, 8, 1, 3
     c.train.warmup_steps = 1
-    c.vq_loss.disc_weight, c.vq_loss.disc_start = disc_weight, 1
+    c.vq_loss.disc_weight, c.vq_loss.disc_start, c.vq_loss.disc_adaptive = disc_weight, 1, adaptive
     c.vq_loss.discriminator.ndf, c.vq_loss.discriminator.norm_groups = 8, 8
     last = train.train_and_evaluate(c, str(tmp_path), tasks.make_task(c))
     assert np.isfinite(last["loss"]) and last["psnr"] > 0
@@ -236,5 +236,6 @@ def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight):
     assert has_disc == (disc_weight > 0)
     if disc_weight:
         assert last["disc"] > 0 and "gen_adv" in last
+        assert (last["disc_adaptive_weight"] == 1.0) != adaptive and np.isfinite(last["disc_adaptive_weight"])
     else:
         assert "disc" not in last

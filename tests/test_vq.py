@@ -285,3 +285,31 @@ def test_patchgan_discriminator():
     assert sum(v.size for v in jax.tree.leaves(nnx.state(plain, nnx.Param))) == counts - 2 * (16 + 32 + 64)
     with pytest.raises(ValueError, match="norm_groups=5"):
         disc.DiscriminatorConfig(ndf=8, norm_groups=5)
+
+
+def test_decoder_head_split_and_adaptive_gan_weight():
+    """features + head is the decoder; the adaptive GAN weight, computed through `head` alone, equals
+    the ratio of the last layer's gradients taken through the whole decoder."""
+    from star_jax import objectives_vq
+
+    model = _tiny(patch_size=2, image_size=32)
+    x = jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    z = model.post_quant_conv(model.encode(x).z_q)
+    feats = model.decoder.features(z)
+    np.testing.assert_array_equal(model.decoder.head(feats), model.decoder(z))
+    w0 = model.decoder.conv_out.kernel[...]
+    np.testing.assert_array_equal(model.decoder.head(feats, w0), model.decoder(z))
+
+    probe = jnp.asarray(np.random.RandomState(1).normal(size=(32, 32, 3)), jnp.float32)
+    disc = lambda images: jnp.sum(images * probe, axis=(1, 2, 3))  # any function of the images
+    gan = lambda images: objectives_vq.hinge_generator_loss(disc(images))
+    weight = objectives_vq.adaptive_gan_weight(
+        lambda w: objectives_vq.l2_reconstruction(x, model.decoder.head(feats, w)),
+        lambda w: gan(model.decoder.head(feats, w)),
+        w0,
+    )
+    g_rec = nnx.grad(lambda d: objectives_vq.l2_reconstruction(x, d(z)))(model.decoder)["conv_out"]["kernel"]
+    g_gan = nnx.grad(lambda d: gan(d(z)))(model.decoder)["conv_out"]["kernel"]
+    expected = np.linalg.norm(g_rec[...]) / (np.linalg.norm(g_gan[...]) + 1e-4)
+    assert expected > 0
+    np.testing.assert_allclose(weight, expected, rtol=1e-5)

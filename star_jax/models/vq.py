@@ -172,11 +172,13 @@ class Conv(nnx.Module):
         self.padding = tuple(map(tuple, padding)) if padding is not None else ((kernel // 2, kernel // 2),) * 2
         self.dtype = to_dtype(cfg.dtype)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B, H, W, in] -> [B, H', W', out] in the compute dtype (float32 accumulation)."""
+    def __call__(self, x: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """x [B, H, W, in] -> [B, H', W', out] in the compute dtype (float32 accumulation); `kernel`
+        replaces the module's own (same shape) when given."""
+        kernel = self.kernel[...] if kernel is None else kernel
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
+            kernel.astype(self.dtype),
             window_strides=(self.stride, self.stride),
             padding=self.padding,
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -379,14 +381,26 @@ class Decoder(nnx.Module):
         self.conv_out = Conv(block_in, out_ch, names=("conv_in", None), cfg=cfg, rngs=rngs)
         self.patch_size, self.remat = cfg.patch_size, cfg.remat
 
-    def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """z [B, h, w, z_channels] -> [B, h*f, w*f, C] compute dtype (images in about [-1, 1])."""
+    def features(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """z [B, h, w, z_channels] -> the last level's features [B, h*f/p, w*f/p, ch] (input of `head`)."""
         h = constrain(self.conv_in(z), ACT)
         for block in self.mid:
             h = _run(block, h, rngs, self.remat)
         for block in self.conv_blocks:
             h = block(h, rngs, self.remat)
-        return pixel_shuffle(self.conv_out(swish(self.norm_out(h))), self.patch_size)
+        return h
+
+    def head(self, h: jax.Array, kernel: jax.Array | None = None) -> jax.Array:
+        """GroupNorm, swish, conv_out (its kernel, or `kernel` [3, 3, ch, C*p*p] in its place), pixel shuffle.
+
+        Taking the kernel as an argument lets a loss differentiate with respect to the last layer
+        alone (the adaptive GAN weight) without a second pass through the decoder.
+        """
+        return pixel_shuffle(self.conv_out(swish(self.norm_out(h)), kernel), self.patch_size)
+
+    def __call__(self, z: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """z [B, h, w, z_channels] -> [B, h*f, w*f, C] compute dtype (images in about [-1, 1])."""
+        return self.head(self.features(z, rngs))
 
 
 class VQModel(nnx.Module):
