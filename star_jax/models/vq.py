@@ -4,7 +4,9 @@ Architecture (STAR_SPEC section 2): conv_in -> per resolution level `num_res_blo
 (+ multi-head attention blocks at the lowest resolution) and an asymmetric-padding stride-2
 Downsample -> mid (res, attn, res) -> GroupNorm, swish, conv_out (z_channels) -> quant_conv
 (codebook_dim) -> vector quantizer -> post_quant_conv -> decoder (mirror image, `num_res_blocks + 1`
-blocks per level, lowest resolution first, nearest x2 Upsample) -> 3 channels.
+blocks per level, lowest resolution first, nearest x2 Upsample) -> 3 channels. `patch_size` p > 1
+(not in the reference) folds p x p pixels into channels before conv_in and unfolds them after
+conv_out, so the convs run at 1/p of the resolution: the shapes world's VQ uses p = 8.
 
 Layout is NHWC throughout; images are [B, H, W, 3] in [-1, 1]. Module attribute names follow the
 reference state dict (`encoder.conv_blocks.{l}.res.{j}.conv1`, ...), so the converter's table
