@@ -94,8 +94,9 @@ def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
             head = lambda w: vq.decoder.head(features, w).astype(jnp.float32)
 
             def rec_loss_of(w):  # LlamaGen's "nll" term: reconstruction + perceptual
-                rec = cfg.l2 * objectives_vq.l2_reconstruction(images, head(w))
-                return rec + (cfg.perceptual * perceptual(images, head(w)) if perceptual is not None else 0.0)
+                out = head(w)
+                rec = cfg.l2 * objectives_vq.l2_reconstruction(images, out)
+                return rec + (cfg.perceptual * perceptual(images, out) if perceptual is not None else 0.0)
 
             adaptive = objectives_vq.adaptive_gan_weight(
                 rec_loss_of,

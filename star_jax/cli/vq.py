@@ -129,12 +129,10 @@ VQ_STAGES = ("vq", "editing", "generation")  # stages whose checkpoints hold the
 
 def model_from_workdir(workdir: str):
     """The trained VQModel of a star_jax run: the first of VQ_STAGES under `workdir` with a checkpoint."""
-    import json
-
-    import ml_collections
     from flax import nnx
 
-    from star_jax import checkpointing, sharding, tasks
+    from star_jax import sharding, tasks
+    from star_jax.decode.runner import first_trained_stage
     from star_jax.models import vq
 
     class VQOnly(nnx.Module):  # the `vq/...` param paths of a STAR checkpoint
@@ -143,27 +141,17 @@ def model_from_workdir(workdir: str):
 
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"--workdir {workdir}: not a directory")
-    for stage in VQ_STAGES:
-        config_path = os.path.join(workdir, stage, "config.json")
-        if not os.path.exists(config_path):
-            continue
-        ckpts = checkpointing.StageCheckpoints(workdir, stage)
-        has = ckpts.latest_step() is not None
-        ckpts.close()
-        if not has:
-            continue
-        with open(config_path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-        mesh = sharding.single_device_mesh()
-        model = sharding.create_sharded(
-            lambda c=config: VQOnly(vq.VQConfig.from_dict(c.model.vq)),
-            mesh,
-            sharding.DEFAULT_RULES,
-        )
-        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-            tasks.load_from_stage(model, workdir, stage)
-        return model.vq
-    raise FileNotFoundError(f"--workdir {workdir}: no checkpoint of any of the stages {VQ_STAGES}")
+    found = first_trained_stage(workdir, VQ_STAGES)
+    if found is None:
+        raise FileNotFoundError(f"--workdir {workdir}: no checkpoint of any of the stages {VQ_STAGES}")
+    stage, config = found
+    mesh = sharding.single_device_mesh()
+    model = sharding.create_sharded(
+        lambda: VQOnly(vq.VQConfig.from_dict(config.model.vq)), mesh, sharding.DEFAULT_RULES
+    )
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        tasks.load_from_stage(model, workdir, stage)
+    return model.vq
 
 
 def _batches(items, n):

@@ -49,6 +49,22 @@ def to_float(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def first_trained_stage(workdir: str, stages) -> tuple[str, ml_collections.ConfigDict] | None:
+    """(name, saved config) of the first of `stages` under `workdir` with a config and a checkpoint, or None."""
+    from star_jax import checkpointing
+
+    for name in stages:
+        stage_dir = os.path.join(workdir, name)
+        if not os.path.exists(os.path.join(stage_dir, "config.json")):
+            continue
+        ckpts = checkpointing.StageCheckpoints(workdir, name)
+        has = ckpts.latest_step() is not None
+        ckpts.close()
+        if has:
+            return name, _read_config(stage_dir)
+    return None
+
+
 class StarRunner:
     """Inference over a workdir's newest generation / editing checkpoint."""
 
@@ -61,30 +77,23 @@ class StarRunner:
     def from_workdir(cls, workdir: str, stages: tuple[str, ...] = ("editing", "generation")) -> StarRunner:
         """Loads the first of `stages` with a checkpoint under `workdir` (an `understanding`
         checkpoint holds the base and ViT only: enough to `understand`)."""
-        from star_jax import checkpointing, tasks
+        from star_jax import tasks
 
         if not os.path.isdir(workdir):
             raise WorkdirError(f"--workdir {workdir!r} does not exist")
-        for name in stages:
-            stage_dir = os.path.join(workdir, name)
-            if not os.path.exists(os.path.join(stage_dir, "config.json")):
-                continue
-            ckpts = checkpointing.StageCheckpoints(workdir, name)
-            has = ckpts.latest_step() is not None
-            ckpts.close()
-            if not has:
-                continue
-            config = _read_config(stage_dir)
-            components = "understanding" if name == "understanding" else "editing"
-            model = sharding.create_sharded(
-                lambda c=config, s=components: star.build(c, s, rngs=nnx.Rngs(0)),
-                sharding.single_device_mesh(),
-                sharding.DEFAULT_RULES,
-            )
-            with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-                tasks.load_from_stage(model, workdir, name)
-            return cls(model, config, tokenizer.load_tokenizer(config.data.tokenizer))
-        raise WorkdirError(f"--workdir {workdir!r} has no trained {' or '.join(stages)} checkpoint")
+        found = first_trained_stage(workdir, stages)
+        if found is None:
+            raise WorkdirError(f"--workdir {workdir!r} has no trained {' or '.join(stages)} checkpoint")
+        name, config = found
+        components = "understanding" if name == "understanding" else "editing"
+        model = sharding.create_sharded(
+            lambda: star.build(config, components, rngs=nnx.Rngs(0)),
+            sharding.single_device_mesh(),
+            sharding.DEFAULT_RULES,
+        )
+        with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+            tasks.load_from_stage(model, workdir, name)
+        return cls(model, config, tokenizer.load_tokenizer(config.data.tokenizer))
 
     # -- helpers --------------------------------------------------------------------------------
     def _stack(self, examples: list[dict]) -> dict:
