@@ -93,6 +93,8 @@ def test_config_errors_name_the_field():
         vq.VQConfig(patch_size=0)
     with pytest.raises(ValueError, match="image_size=64 must be divisible by 128"):
         vq.VQConfig(image_size=64, ch_mult=(1, 2, 2, 2), patch_size=16)
+    with pytest.raises(ValueError, match="local_encoder=True needs one conv level.*ch_mult=\\(1, 2\\)"):
+        vq.VQConfig(local_encoder=True, ch_mult=(1, 2), image_size=32, patch_size=4)
 
 
 def test_pixel_shuffle_matches_torch():
@@ -120,6 +122,33 @@ def test_patch_stem_equals_unshuffled_model():
     np.testing.assert_allclose(patched.decode(z), vq.pixel_shuffle(plain.decode(z), 2), atol=1e-6)
     recon, q = patched(x)
     assert recon.shape == x.shape and q.indices.shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_local_encoder_codes_see_only_their_patch(local):
+    """With local_encoder a code is a function of its own patch: editing every other patch leaves it
+    bit-identical, and equal patches get equal codes. The default encoder (convs, GroupNorm,
+    attention) mixes context, which the same edit shows."""
+    model = _tiny(patch_size=4, image_size=32, ch_mult=(1,), local_encoder=local)
+    rng = np.random.RandomState(0)
+    x = np.full((1, 32, 32, 3), 0.2, np.float32)
+    x[0, 4:8, 8:12] = rng.uniform(-1, 1, (4, 4, 3))  # one textured patch at code (1, 2)
+    edited = x.copy()
+    edited[0, 16:, 16:] = rng.uniform(-1, 1, (16, 16, 3))  # every code below and right of (3, 3)
+    z, z_edited = (np.asarray(model.encode_continuous(jnp.asarray(a))) for a in (x, edited))
+    untouched = np.ones((8, 8), bool)
+    untouched[4:, 4:] = False
+    if local:
+        np.testing.assert_array_equal(z[0][untouched], z_edited[0][untouched])
+        flat = np.ones((8, 8), bool)
+        flat[1, 2] = False
+        assert np.ptp(z[0][flat], axis=0).max() == 0  # the flat patches all encode alike
+        assert len(model.encoder.mid) == 2 and not len(model.encoder.conv_blocks[0].attn)
+        assert model.encoder.conv_in.kernel.shape[:2] == (1, 1)
+    else:
+        assert np.abs(z[0][untouched] - z_edited[0][untouched]).max() > 1e-3
+    recon, q = model(jnp.asarray(x))
+    assert recon.shape == x.shape and q.indices.shape == (1, 8, 8)
 
 
 def test_straight_through_encoder_gradient():

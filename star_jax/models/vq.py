@@ -44,6 +44,8 @@ class VQConfig:
     image_size: int = 384
     in_channels: int = 3
     patch_size: int = 1  # > 1: pixel-unshuffle stem / pixel-shuffle head (star_jax extension; reference 1)
+    # True: each code is a function of its own patch alone (star_jax extension; reference False).
+    local_encoder: bool = False
     ch: int = 256
     ch_mult: tuple[int, ...] = (1, 2, 2, 4, 8)
     z_channels: int = 512
@@ -77,6 +79,11 @@ class VQConfig:
             raise ValueError(f"vq attn_heads={self.attn_heads} must divide the attention channels {top}")
         if self.patch_size < 1:
             raise ValueError(f"vq patch_size={self.patch_size} must be >= 1")
+        if self.local_encoder and len(self.ch_mult) != 1:
+            raise ValueError(
+                f"vq local_encoder=True needs one conv level (ch_mult of length 1, the patch does the "
+                f"downsampling); got ch_mult={self.ch_mult}"
+            )
         if self.image_size % self.downsample_factor:
             raise ValueError(f"vq image_size={self.image_size} must be divisible by {self.downsample_factor}")
         chunk = self.chunk_size
@@ -190,20 +197,24 @@ class Conv(nnx.Module):
 
 
 class GroupNorm(nnx.Module):
-    """GroupNorm in float32 over (H, W, C / groups); scale / bias [C] named `norm`."""
+    """GroupNorm in float32 over (H, W, C / groups); scale / bias [C] named `norm`.
 
-    def __init__(self, channels: int, *, cfg: VQConfig, rngs: nnx.Rngs):
+    `spatial=False` takes the statistics over C / groups at each position alone (the local encoder).
+    """
+
+    def __init__(self, channels: int, *, cfg: VQConfig, rngs: nnx.Rngs, spatial: bool = True):
         pdt = to_dtype(cfg.param_dtype)
         self.scale = layers.param(rngs, nnx.initializers.ones, (channels,), ("norm",), pdt)
         self.bias = layers.param(rngs, nnx.initializers.zeros, (channels,), ("norm",), pdt)
         self.groups, self.eps, self.dtype = cfg.norm_groups, cfg.norm_eps, to_dtype(cfg.dtype)
+        self.axes = (1, 2, 4) if spatial else (4,)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, H, W, C] -> [B, H, W, C] in the compute dtype."""
         b, h, w, c = x.shape
         g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(g, axis=(1, 2, 4), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+        mean = jnp.mean(g, axis=self.axes, keepdims=True)
+        var = jnp.mean(jnp.square(g - mean), axis=self.axes, keepdims=True)
         y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
         return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
 
@@ -213,14 +224,18 @@ def swish(x: jax.Array) -> jax.Array:
 
 
 class ResnetBlock(nnx.Module):
-    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> dropout -> conv3x3, + (1x1 nin_shortcut) x."""
+    """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> dropout -> conv3x3, + (1x1 nin_shortcut) x.
 
-    def __init__(self, in_ch: int, out_ch: int, *, cfg: VQConfig, rngs: nnx.Rngs):
-        self.norm1 = GroupNorm(in_ch, cfg=cfg, rngs=rngs)
-        self.conv1 = Conv(in_ch, out_ch, cfg=cfg, rngs=rngs)
-        self.norm2 = GroupNorm(out_ch, cfg=cfg, rngs=rngs)
+    `local=True`: 1x1 convs and per-position norms, so each position sees only itself.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, *, cfg: VQConfig, rngs: nnx.Rngs, local: bool = False):
+        k = 1 if local else 3
+        self.norm1 = GroupNorm(in_ch, cfg=cfg, rngs=rngs, spatial=not local)
+        self.conv1 = Conv(in_ch, out_ch, k, cfg=cfg, rngs=rngs)
+        self.norm2 = GroupNorm(out_ch, cfg=cfg, rngs=rngs, spatial=not local)
         self.dropout = nnx.Dropout(cfg.dropout)
-        self.conv2 = Conv(out_ch, out_ch, cfg=cfg, rngs=rngs)
+        self.conv2 = Conv(out_ch, out_ch, k, cfg=cfg, rngs=rngs)
         self.nin_shortcut = Conv(in_ch, out_ch, 1, cfg=cfg, rngs=rngs) if in_ch != out_ch else None
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -282,8 +297,12 @@ class Upsample(nnx.Module):
 class ConvBlock(nnx.Module):
     """One resolution level: `res` blocks (each followed by `attn` when present), then resampling."""
 
-    def __init__(self, in_ch: int, out_ch: int, n: int, *, attn: bool, resample, cfg: VQConfig, rngs: nnx.Rngs):
-        self.res = nnx.List([ResnetBlock(in_ch if j == 0 else out_ch, out_ch, cfg=cfg, rngs=rngs) for j in range(n)])
+    def __init__(
+        self, in_ch: int, out_ch: int, n: int, *, attn: bool, resample, cfg: VQConfig, rngs: nnx.Rngs, local=False
+    ):
+        self.res = nnx.List(
+            [ResnetBlock(in_ch if j == 0 else out_ch, out_ch, cfg=cfg, rngs=rngs, local=local) for j in range(n)]
+        )
         self.attn = nnx.List([AttnBlock(out_ch, cfg=cfg, rngs=rngs) for _ in range(n)] if attn else [])
         if resample == "down":
             self.downsample = Downsample(out_ch, cfg=cfg, rngs=rngs)
@@ -309,40 +328,48 @@ def _run(block: nnx.Module, x: jax.Array, rngs: nnx.Rngs | None, remat: bool) ->
     return block(x, rngs)
 
 
-def _mid(channels: int, cfg: VQConfig, rngs: nnx.Rngs) -> nnx.List:
-    return nnx.List(
-        [
-            ResnetBlock(channels, channels, cfg=cfg, rngs=rngs),
-            AttnBlock(channels, cfg=cfg, rngs=rngs),
-            ResnetBlock(channels, channels, cfg=cfg, rngs=rngs),
-        ]
-    )
+def _mid(channels: int, cfg: VQConfig, rngs: nnx.Rngs, local: bool = False) -> nnx.List:
+    """res, attn, res; a local encoder's mid block has no attention (res, res)."""
+    res = lambda: ResnetBlock(channels, channels, cfg=cfg, rngs=rngs, local=local)
+    return nnx.List([res(), res()] if local else [res(), AttnBlock(channels, cfg=cfg, rngs=rngs), res()])
 
 
 class Encoder(nnx.Module):
     """images [B, H, W, in_channels] -> z [B, H/f, W/f, z_channels] (f = patch_size * 2^(levels-1)).
 
     With patch_size p > 1, conv_in reads p x p pixel-unshuffled patches (in_channels * p^2 channels).
+    `local_encoder`: 1x1 convs, per-position norms and no attention, so a code depends on its own
+    patch alone: equal patches get equal codes, which the stack can learn to predict (with the
+    default encoder, context spreads a flat background over hundreds of interchangeable codes).
     """
 
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
         chans = [cfg.ch * m for m in cfg.ch_mult]
         last = len(chans) - 1
+        local = cfg.local_encoder
+        k = 1 if local else 3
         self.patch_size = cfg.patch_size
-        self.conv_in = Conv(cfg.in_channels * cfg.patch_size**2, cfg.ch, cfg=cfg, rngs=rngs)
+        self.conv_in = Conv(cfg.in_channels * cfg.patch_size**2, cfg.ch, k, cfg=cfg, rngs=rngs)
         blocks, block_in = [], cfg.ch
         for level, out_ch in enumerate(chans):
             resample = "down" if level != last else None
             blocks.append(
                 ConvBlock(
-                    block_in, out_ch, cfg.num_res_blocks, attn=level == last, resample=resample, cfg=cfg, rngs=rngs
+                    block_in,
+                    out_ch,
+                    cfg.num_res_blocks,
+                    attn=level == last and not local,
+                    resample=resample,
+                    cfg=cfg,
+                    rngs=rngs,
+                    local=local,
                 )
             )
             block_in = out_ch
         self.conv_blocks = nnx.List(blocks)
-        self.mid = _mid(block_in, cfg, rngs)
-        self.norm_out = GroupNorm(block_in, cfg=cfg, rngs=rngs)
-        self.conv_out = Conv(block_in, cfg.z_channels, cfg=cfg, rngs=rngs)
+        self.mid = _mid(block_in, cfg, rngs, local)
+        self.norm_out = GroupNorm(block_in, cfg=cfg, rngs=rngs, spatial=not local)
+        self.conv_out = Conv(block_in, cfg.z_channels, k, cfg=cfg, rngs=rngs)
         self.remat = cfg.remat
 
     def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
