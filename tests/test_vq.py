@@ -95,6 +95,8 @@ def test_config_errors_name_the_field():
         vq.VQConfig(image_size=64, ch_mult=(1, 2, 2, 2), patch_size=16)
     with pytest.raises(ValueError, match="local_encoder=True needs one conv level.*ch_mult=\\(1, 2\\)"):
         vq.VQConfig(local_encoder=True, ch_mult=(1, 2), image_size=32, patch_size=4)
+    with pytest.raises(ValueError, match="local_context=1 must be >= 0 and needs local_encoder=True"):
+        vq.VQConfig(local_context=1)
 
 
 def test_pixel_shuffle_matches_torch():
@@ -124,27 +126,34 @@ def test_patch_stem_equals_unshuffled_model():
     assert recon.shape == x.shape and q.indices.shape == (2, 8, 8)
 
 
-@pytest.mark.parametrize("local", [True, False])
-def test_local_encoder_codes_see_only_their_patch(local):
-    """With local_encoder a code is a function of its own patch: editing every other patch leaves it
-    bit-identical, and equal patches get equal codes. The default encoder (convs, GroupNorm,
-    attention) mixes context, which the same edit shows."""
-    model = _tiny(patch_size=4, image_size=32, ch_mult=(1,), local_encoder=local)
+@pytest.mark.parametrize("context", [0, 1, None])
+def test_local_encoder_codes_see_only_their_neighbourhood(context):
+    """With local_encoder a code is a function of its own patch and `local_context` neighbours per
+    side: editing patches farther away leaves it bit-identical, and equal neighbourhoods get equal
+    codes. The default encoder (context=None: 3x3 convs, GroupNorm, attention) mixes in the whole
+    image, which the same edit shows."""
+    local = context is not None
+    model = _tiny(patch_size=4, image_size=32, ch_mult=(1,), local_encoder=local, local_context=context or 0)
     rng = np.random.RandomState(0)
     x = np.full((1, 32, 32, 3), 0.2, np.float32)
     x[0, 4:8, 8:12] = rng.uniform(-1, 1, (4, 4, 3))  # one textured patch at code (1, 2)
     edited = x.copy()
     edited[0, 16:, 16:] = rng.uniform(-1, 1, (16, 16, 3))  # every code below and right of (3, 3)
     z, z_edited = (np.asarray(model.encode_continuous(jnp.asarray(a))) for a in (x, edited))
+    reach = context or 0
     untouched = np.ones((8, 8), bool)
-    untouched[4:, 4:] = False
+    untouched[4 - reach :, 4 - reach :] = False  # codes whose neighbourhood the edit reaches
     if local:
         np.testing.assert_array_equal(z[0][untouched], z_edited[0][untouched])
-        flat = np.ones((8, 8), bool)
-        flat[1, 2] = False
-        assert np.ptp(z[0][flat], axis=0).max() == 0  # the flat patches all encode alike
+        if context:
+            assert np.abs(z[0, 3, 3] - z_edited[0, 3, 3]).max() > 1e-3  # the edit is in (3, 3)'s reach
+        # Interior codes that do not see the textured patch all encode alike.
+        far = np.zeros((8, 8), bool)
+        far[reach : 8 - reach, reach : 8 - reach] = True
+        far[1 - reach : 2 + reach + 1, 2 - reach : 2 + reach + 1] = False
+        assert np.ptp(z[0][far], axis=0).max() == 0
         assert len(model.encoder.mid) == 2 and not len(model.encoder.conv_blocks[0].attn)
-        assert model.encoder.conv_in.kernel.shape[:2] == (1, 1)
+        assert model.encoder.conv_in.kernel.shape[:2] == (2 * reach + 1,) * 2
     else:
         assert np.abs(z[0][untouched] - z_edited[0][untouched]).max() > 1e-3
     recon, q = model(jnp.asarray(x))

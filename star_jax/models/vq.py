@@ -46,6 +46,7 @@ class VQConfig:
     patch_size: int = 1  # > 1: pixel-unshuffle stem / pixel-shuffle head (star_jax extension; reference 1)
     # True: each code is a function of its own patch alone (star_jax extension; reference False).
     local_encoder: bool = False
+    local_context: int = 0  # local encoder: neighbouring codes per side its conv_in sees (kernel 2c + 1)
     ch: int = 256
     ch_mult: tuple[int, ...] = (1, 2, 2, 4, 8)
     z_channels: int = 512
@@ -84,6 +85,8 @@ class VQConfig:
                 f"vq local_encoder=True needs one conv level (ch_mult of length 1, the patch does the "
                 f"downsampling); got ch_mult={self.ch_mult}"
             )
+        if self.local_context < 0 or (self.local_context and not self.local_encoder):
+            raise ValueError(f"vq local_context={self.local_context} must be >= 0 and needs local_encoder=True")
         if self.image_size % self.downsample_factor:
             raise ValueError(f"vq image_size={self.image_size} must be divisible by {self.downsample_factor}")
         chunk = self.chunk_size
@@ -339,8 +342,9 @@ class Encoder(nnx.Module):
 
     With patch_size p > 1, conv_in reads p x p pixel-unshuffled patches (in_channels * p^2 channels).
     `local_encoder`: 1x1 convs, per-position norms and no attention, so a code depends on its own
-    patch alone: equal patches get equal codes, which the stack can learn to predict (with the
-    default encoder, context spreads a flat background over hundreds of interchangeable codes).
+    patch alone (and `local_context` neighbours per side, through conv_in): equal neighbourhoods get
+    equal codes, which the stack can learn to predict (with the default encoder, context spreads a
+    flat background over hundreds of interchangeable codes).
     """
 
     def __init__(self, cfg: VQConfig, *, rngs: nnx.Rngs):
@@ -349,7 +353,8 @@ class Encoder(nnx.Module):
         local = cfg.local_encoder
         k = 1 if local else 3
         self.patch_size = cfg.patch_size
-        self.conv_in = Conv(cfg.in_channels * cfg.patch_size**2, cfg.ch, k, cfg=cfg, rngs=rngs)
+        k_in = 2 * cfg.local_context + 1 if local else 3
+        self.conv_in = Conv(cfg.in_channels * cfg.patch_size**2, cfg.ch, k_in, cfg=cfg, rngs=rngs)
         blocks, block_in = [], cfg.ch
         for level, out_ch in enumerate(chans):
             resample = "down" if level != last else None
