@@ -95,8 +95,9 @@ def write_report(workdir: str, r: dict) -> None:
     lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
     lines += [
         f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
-        f"PSNR {r['vq_ceiling']['psnr']:.2f} dB, codebook usage over 1,024 validation renders "
-        f"{r['vq_ceiling']['codebook_usage']:.3f}",
+        f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
+        f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
+        f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells",
         "",
     ]
     if "understanding_after" in r:
@@ -130,7 +131,10 @@ def write_report(workdir: str, r: dict) -> None:
         f.write("\n".join(lines))
     numbers = {
         "generation": r["generation"]["summary"],
-        "vq_ceiling": {k: r["vq_ceiling"][k] for k in ("psnr", "summary", "codebook_usage")},
+        "vq_ceiling": {
+            k: r["vq_ceiling"][k]
+            for k in ("psnr", "summary", "codebook_usage", "token_entropy_bits", "background_codes")
+        },
         "stage_wall_s": r["stage_wall_s"],
         "total_wall_s": r["total_wall_s"],
     }

@@ -202,7 +202,8 @@ def test_vq_ceiling_and_codebook_usage_of_known_round_trips():
     assert exact["summary"]["overall"] == 1.0 and exact["psnr"] > 100  # an identity tokenizer is perfect
     grey = shapes_world.vq_ceiling(lambda images: np.full_like(images, 128), per_task=2)
     assert grey["summary"]["overall"] == 0.0 and grey["psnr"] < 30
-    # A fake encoder that writes the code 7 * image index: 70 images use 70 distinct codes of 1000.
+    # A fake encoder that writes the code 7 * image index on a 2 x 2 grid: 70 images use 70 distinct
+    # codes of 1000, uniformly (log2 70 bits), and a cell of plain background also gets its image's code.
     calls = []
 
     def encode(images):
@@ -210,4 +211,13 @@ def test_vq_ceiling_and_codebook_usage_of_known_round_trips():
         start = sum(calls[:-1])
         return np.arange(start, start + len(images))[:, None, None] * 7 % 1000 * np.ones((1, 2, 2), int)
 
-    assert shapes_world.codebook_usage(encode, 1000, num=70) == 0.07 and calls == [64, 6]
+    stats = shapes_world.code_statistics(encode, 1000, num=70)
+    assert calls == [64, 6] and stats["codebook_usage"] == 0.07
+    assert stats["token_entropy_bits"] == pytest.approx(np.log2(70))
+    images = np.stack([shapes.make_example("validation", i, "pair")["image"] for i in range(70)])
+    quarters = images.reshape(70, 2, 32, 2, 32, 3)
+    with_background_cell = (quarters == 128).all(axis=(2, 4, 5)).any(axis=(1, 2))
+    assert 0 < stats["background_codes"] == with_background_cell.sum() < 70
+    # A tokenizer that codes each 8 x 8 cell by its mean colour alone gives the background one code.
+    cell_code = lambda images: images.reshape(len(images), 8, 8, 8, 8, 3).mean(axis=(2, 4)).sum(-1).astype(int)
+    assert shapes_world.code_statistics(cell_code, 4096, num=64)["background_codes"] == 1

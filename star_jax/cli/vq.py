@@ -262,8 +262,9 @@ def main(argv: list[str]) -> int:
             print(r["table"])
             print(
                 f"VQ ceiling: ShapeEval overall {r['summary']['overall']:.3f}, PSNR {r['psnr']:.2f} dB "
-                f"({6 * args.per_task} validation renders); codebook usage {r['codebook_usage']:.3f} "
-                f"over {args.usage_images} renders"
+                f"({6 * args.per_task} validation renders); over {args.usage_images} renders: codebook usage "
+                f"{r['codebook_usage']:.3f}, token entropy {r['token_entropy_bits']:.2f} bits, "
+                f"{r['background_codes']} distinct codes for all-background cells"
             )
     except (OSError, ValueError, KeyError) as e:
         print(f"{prog}: {e}", file=sys.stderr)

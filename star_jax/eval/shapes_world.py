@@ -118,19 +118,36 @@ def vq_ceiling(reconstruct, *, per_task: int, split: str = "validation", seed: i
     }
 
 
-def codebook_usage(encode, codebook_size: int, *, num: int = 1024, split: str = "validation", seed: int = 0) -> float:
-    """Fraction of the codebook that `num` renders of `split` use: distinct codes / codebook_size.
+def code_statistics(
+    encode, codebook_size: int, *, num: int = 1024, split: str = "validation", seed: int = 0
+) -> dict[str, float]:
+    """How `num` renders of `split` use the codebook.
 
-    encode: uint8 [n, R, R, 3] -> int codes [n, h, w]. Reading 1024 images of the shapes demo
-    (65,536 codes) covers each of 1,024 codes with probability 1 - e^-64 when usage is uniform.
+    encode: uint8 [n, R, R, 3] -> int codes [n, h, w]. Returns
+      codebook_usage      distinct codes / codebook_size (1,024 renders of the shapes demo cover
+                          each of 1,024 codes with probability 1 - e^-64 when usage is uniform);
+      token_entropy_bits  entropy of the codes' empirical distribution, bits per token;
+      background_codes    distinct codes of grid cells whose pixels are all background: 1 for a
+                          tokenizer that gives equal content equal codes, hundreds when context
+                          spreads the background over interchangeable codes (what the stack must
+                          then guess between).
     """
     images = np.stack([shapes.make_example(split, i, "pair", seed=seed)["image"] for i in range(num)])
-    codes = np.concatenate([np.asarray(encode(images[i : i + 64])).ravel() for i in range(0, num, 64)])
-    return float(len(np.unique(codes)) / codebook_size)
+    codes = np.concatenate([np.asarray(encode(images[i : i + 64])) for i in range(0, num, 64)])
+    n, h, w = codes.shape
+    cells = images.reshape(n, h, images.shape[1] // h, w, images.shape[2] // w, 3)
+    background = (cells == np.array(shapes.BACKGROUND, np.uint8)).all(axis=(2, 4, 5))
+    freq = np.bincount(codes.ravel(), minlength=codebook_size) / codes.size
+    freq = freq[freq > 0]
+    return {
+        "codebook_usage": float(len(freq) / codebook_size),
+        "token_entropy_bits": float(-(freq * np.log2(freq)).sum()),
+        "background_codes": int(len(np.unique(codes[background]))),
+    }
 
 
 def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 1024) -> dict:
-    """`vq_ceiling` (ShapeEval + PSNR of round trips) and `codebook_usage` of a trained VQModel."""
+    """`vq_ceiling` (ShapeEval + PSNR of round trips) and the `code_statistics` of a trained VQModel."""
     import jax
 
     from star_jax.decode.runner import to_float, to_uint8
@@ -140,5 +157,5 @@ def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 102
     decode = jax.jit(vq_model.decode_codes)
     codes_of = lambda images: encode(jax.numpy.asarray(to_float(images, size)))
     out = vq_ceiling(lambda images: to_uint8(decode(codes_of(images))), per_task=per_task, seed=seed, resolution=size)
-    out["codebook_usage"] = codebook_usage(codes_of, vq_model.cfg.codebook_size, num=usage_images, seed=seed)
+    out.update(code_statistics(codes_of, vq_model.cfg.codebook_size, num=usage_images, seed=seed))
     return out
