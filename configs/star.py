@@ -71,6 +71,9 @@ def get_config(arg=None):
     config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
     config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
+    # Understanding on the shapes world: this fraction of examples asks for the image's caption
+    # instead of one question (a dense signal: every object's colour, shape and count).
+    config.data.caption_fraction = 0.0
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -96,6 +96,11 @@ def validate(config, num_devices: int | None = None) -> None:
                 _fail(f"train.{key}", config.train[key], "must be positive")
         if config.train.batch_size % config.train.grad_accum:
             _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
+    fraction = config.get("data", {}).get("caption_fraction", 0.0)
+    if not 0.0 <= fraction <= 1.0:
+        _fail("data.caption_fraction", fraction, "must be in [0, 1]")
+    if fraction and config.data.source != "shapes":
+        _fail("data.caption_fraction", fraction, f"captioning turns come from the shapes world, not source={config.data.source!r}")
     try:
         rules = sharding.rules_from_config(config)
         sharding.check_rules(rules)

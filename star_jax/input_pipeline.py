@@ -43,6 +43,9 @@ import numpy as np
 
 from star_jax import records, sequences
 
+# The understanding stage's captioning turn: question of the `caption_fraction` of shapes-world
+# examples whose answer is the scene's free-form caption (every object's colour, shape and count).
+CAPTION_QUESTION = "describe this image."
 STAGE_KIND = {"vq": "pairs", "generation": "pairs", "understanding": "qa", "editing": "edits"}
 SHAPES_KIND = {"pairs": "pair", "qa": "qa", "edits": "edit"}  # star_jax.shapes.make_example kinds
 READ_THREADS = 2  # threads per process (or worker) that load and assemble examples
@@ -151,9 +154,11 @@ class ShapesSource:
     `star_jax.shapes.make_example(split, i, ...)`, a pure function of (split, i, seed).
     """
 
-    def __init__(self, split: str, kind: str, num_examples: int, *, resolution: int, seed: int = 0):
+    def __init__(
+        self, split: str, kind: str, num_examples: int, *, resolution: int, seed: int = 0, caption_fraction: float = 0.0
+    ):
         self.split, self.kind, self.num_examples = split, kind, num_examples
-        self.resolution, self.seed = resolution, seed
+        self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
 
     def __len__(self) -> int:
         return self.num_examples
@@ -161,6 +166,11 @@ class ShapesSource:
     def __getitem__(self, index: int) -> dict:
         from star_jax import shapes
 
+        if self.kind == "qa" and self.caption_fraction and self._is_caption(index):
+            ex = shapes.make_example(
+                self.split, int(index), "pair", seed=self.seed, resolution=self.resolution, tag="free_form"
+            )
+            return {"image": ex["image"], "question": CAPTION_QUESTION, "answer": ex["caption"]}
         ex = shapes.make_example(
             self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution
         )
@@ -170,6 +180,13 @@ class ShapesSource:
             return {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
 
+    def _is_caption(self, index: int) -> bool:
+        """A pure function of (seed, split, index), like the examples themselves."""
+        from star_jax.shapes.scene import SPLITS
+
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index), 0xCA9])
+        return bool(rng.random() < self.caption_fraction)
+
 
 def make_source(config, split: str, spec: ExampleSpec):
     """(source, parser): a random-access source of `split` and the bytes -> record parser (or None)."""
@@ -178,7 +195,11 @@ def make_source(config, split: str, spec: ExampleSpec):
         if spec.pretokenized:
             raise ValueError("config.data.pretokenized=True needs source='arrayrecord' (data/pretokenize_vq.py output)")
         n = data.num_train_examples if split == "train" else data.num_eval_examples
-        return ShapesSource(split, spec.kind, n, resolution=spec.render_size, seed=config.seed), None
+        caption_fraction = data.caption_fraction if spec.stage == "understanding" else 0.0
+        source = ShapesSource(
+            split, spec.kind, n, resolution=spec.render_size, seed=config.seed, caption_fraction=caption_fraction
+        )
+        return source, None
     if data.source == "arrayrecord":
         if not data.path:
             raise ValueError("config.data.source='arrayrecord' needs config.data.path (a tfds dataset directory)")

@@ -71,6 +71,37 @@ def test_understanding_and_editing_batch_schema():
     assert not (batch["src_mask"] & batch["vit_mask"]).any()
 
 
+def test_caption_fraction_mixes_captioning_turns_into_understanding():
+    source = input_pipeline.ShapesSource("train", "qa", 400, resolution=32, caption_fraction=0.25)
+    records_ = [source[i] for i in range(400)]
+    captions = [i for i, r in enumerate(records_) if r["question"] == input_pipeline.CAPTION_QUESTION]
+    assert 70 <= len(captions) <= 130  # 100 expected
+    i = captions[0]
+    pair = shapes.make_example("train", i, "pair", resolution=32, tag="free_form")
+    assert records_[i]["answer"] == pair["caption"]
+    np.testing.assert_array_equal(records_[i]["image"], pair["image"])
+    j = next(k for k in range(400) if k not in captions)
+    assert records_[j]["answer"] == shapes.make_example("train", j, "qa", resolution=32)["answer"]
+    # Deterministic per index; 0 keeps the pure QA stream; the batch tokenizes within the limit.
+    again = input_pipeline.ShapesSource("train", "qa", 400, resolution=32, caption_fraction=0.25)
+    assert [again[k]["question"] for k in captions[:5]] == [records_[k]["question"] for k in captions[:5]]
+    plain = input_pipeline.ShapesSource("train", "qa", 400, resolution=32)
+    assert all(plain[k]["question"] != input_pipeline.CAPTION_QUESTION for k in range(100))
+    batch = next(input_pipeline.make_iterator(make_config("understanding", batch_size=8, caption_fraction=1.0)))
+    tok = tokenizer_lib.load_tokenizer("builtin")
+    text = tok.decode([t for t in batch["prompt_ids"][0] if t != tok.pad_id])
+    assert input_pipeline.CAPTION_QUESTION in text
+
+
+@pytest.mark.parametrize("value, source, message", [(1.5, "shapes", r"\[0, 1\]"), (0.5, "arrayrecord", "shapes world")])
+def test_caption_fraction_is_validated(value, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("understanding", caption_fraction=value, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.caption_fraction=.*" + message):
+        validation.validate(config)
+
+
 def test_same_seed_same_batches_other_seed_other_order():
     for stage in ("vq", "generation"):
         a = take(input_pipeline.make_iterator(make_config(stage)), 3)
