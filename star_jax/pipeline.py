@@ -75,6 +75,9 @@ def run(config, workdir: str) -> dict:
     report["generation"] = shapes_world.generation(star, per_task=ev.per_task, seed=ev.seed, **sampling)
     if "understanding_before" in report:
         report["understanding_after"] = shapes_world.understanding(star, num=ev.qa, seed=ev.seed)
+        report["understanding_shuffled"] = shapes_world.understanding(
+            star, num=ev.qa, seed=ev.seed, shuffle_images=True
+        )
     if "editing" in config.pipeline.stages:
         report["editing"] = shapes_world.editing(star, num=ev.edits, seed=ev.seed, **sampling)
 
@@ -104,19 +107,21 @@ def write_report(workdir: str, r: dict) -> None:
         lines += [
             "## Understanding (exact-match QA accuracy)",
             "",
-            "| question | after understanding stage | after all stages |",
-            "|---|---|---|",
+            "| question | after understanding stage | after all stages | control: another scene's image |",
+            "|---|---|---|---|",
         ]
         before, after = r["understanding_before"], r["understanding_after"]
+        control = r.get("understanding_shuffled", {"per_kind": {}, "overall": float("nan")})
         for kind in before["per_kind"]:
-            lines.append(
-                f"| {kind} | {before['per_kind'][kind]:.3f} | {after['per_kind'].get(kind, float('nan')):.3f} |"
-            )
+            cells = [before["per_kind"][kind]] + [x["per_kind"].get(kind, float("nan")) for x in (after, control)]
+            lines.append(f"| {kind} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
         same = [a[2] for a in before["answers"]] == [a[2] for a in after["answers"]]
         lines += [
-            f"| overall | {before['overall']:.3f} | {after['overall']:.3f} |",
+            f"| overall | {before['overall']:.3f} | {after['overall']:.3f} | {control['overall']:.3f} |",
             "",
-            f"Answers bit-identical before and after the generation and editing stages: **{same}**",
+            f"Answers bit-identical before and after the generation and editing stages: **{same}**. "
+            "The control asks each question about another scene's image: what the base answers from "
+            "priors alone.",
             "",
         ]
         r["understanding_unchanged"] = same
@@ -138,7 +143,7 @@ def write_report(workdir: str, r: dict) -> None:
         "stage_wall_s": r["stage_wall_s"],
         "total_wall_s": r["total_wall_s"],
     }
-    for key in ("understanding_before", "understanding_after", "editing"):
+    for key in ("understanding_before", "understanding_after", "understanding_shuffled", "editing"):
         if key in r:
             numbers[key] = {k: v for k, v in r[key].items() if k in ("per_kind", "overall")}
     if "understanding_unchanged" in r:

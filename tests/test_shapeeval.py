@@ -221,3 +221,25 @@ def test_vq_ceiling_and_codebook_usage_of_known_round_trips():
     # A tokenizer that codes each 8 x 8 cell by its mean colour alone gives the background one code.
     cell_code = lambda images: images.reshape(len(images), 8, 8, 8, 8, 3).mean(axis=(2, 4)).sum(-1).astype(int)
     assert shapes_world.code_statistics(cell_code, 4096, num=64)["background_codes"] == 1
+
+
+def test_understanding_control_asks_about_another_scenes_image():
+    from star_jax.eval import shapes_world
+
+    exs = [shapes.make_example("validation", i, "qa") for i in range(40)]
+    answer_of = {e["image"].tobytes(): e["answer"] for e in exs}
+
+    class Oracle:  # reads the answer off the image (a base that sees perfectly)
+        def understand(self, images, questions, max_new_tokens):
+            return [answer_of[img.tobytes()] for img in images]
+
+    class Blind:  # answers from the question alone (a base that answers from priors)
+        def understand(self, images, questions, max_new_tokens):
+            return ["yes" if q.startswith("is") else "zero" for q in questions]
+
+    seen = shapes_world.understanding(Oracle(), num=40, batch=16)
+    control = shapes_world.understanding(Oracle(), num=40, batch=16, shuffle_images=True)
+    expected = np.mean([exs[i]["answer"] == exs[(i + 1) % 40]["answer"] for i in range(40)])
+    assert seen["overall"] == 1.0 and control["overall"] == pytest.approx(expected) and expected < 0.5
+    blind = [shapes_world.understanding(Blind(), num=40, shuffle_images=s)["overall"] for s in (False, True)]
+    assert blind[0] == blind[1]

@@ -43,15 +43,22 @@ def generation(runner, *, per_task: int, split: str = "validation", seed: int = 
     }
 
 
-def understanding(runner, *, num: int, split: str = "validation", seed: int = 0, batch: int = 32) -> dict:
-    """Exact-match QA accuracy: {"per_kind": {kind: accuracy}, "overall": float, "answers": [(q, a, pred)]}."""
+def understanding(
+    runner, *, num: int, split: str = "validation", seed: int = 0, batch: int = 32, shuffle_images: bool = False
+) -> dict:
+    """Exact-match QA accuracy: {"per_kind": {kind: accuracy}, "overall": float, "answers": [(q, a, pred)]}.
+
+    shuffle_images: the control that measures what the base answers from priors alone: question i
+    is asked about image i + 1 (of another scene), scored against image i's answer.
+    """
     exs = [shapes.make_example(split, i, "qa", seed=seed) for i in range(num)]
+    images = np.stack([e["image"] for e in exs])
+    if shuffle_images:
+        images = np.roll(images, -1, axis=0)
     preds = []
     for start in range(0, num, batch):
         chunk = exs[start : start + batch]
-        preds += runner.understand(
-            np.stack([e["image"] for e in chunk]), [e["question"] for e in chunk], max_new_tokens=8
-        )
+        preds += runner.understand(images[start : start + batch], [e["question"] for e in chunk], max_new_tokens=8)
     by_kind: dict[str, list[bool]] = {}
     for e, p in zip(exs, preds):
         by_kind.setdefault(e["qa_kind"], []).append(p.strip() == e["answer"].strip())
