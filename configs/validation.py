@@ -100,7 +100,11 @@ def validate(config, num_devices: int | None = None) -> None:
     if not 0.0 <= fraction <= 1.0:
         _fail("data.caption_fraction", fraction, "must be in [0, 1]")
     if fraction and config.data.source != "shapes":
-        _fail("data.caption_fraction", fraction, f"captioning turns come from the shapes world, not source={config.data.source!r}")
+        _fail(
+            "data.caption_fraction",
+            fraction,
+            f"captioning turns come from the shapes world, not source={config.data.source!r}",
+        )
     try:
         rules = sharding.rules_from_config(config)
         sharding.check_rules(rules)

@@ -3,5 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh torch,test
-.venv/bin/ruff format --check --quiet . && .venv/bin/ruff check --quiet .
+# Two statements, not `a && b`: under `set -e` a failure on the left of && does not stop the script.
+.venv/bin/ruff format --check --quiet .
+.venv/bin/ruff check --quiet .
 exec .venv/bin/python -m pytest -n 2 --durations=15 tests "$@"
