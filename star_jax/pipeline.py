@@ -110,8 +110,7 @@ def write_report(workdir: str, r: dict) -> None:
             "| question | after understanding stage | after all stages | control: another scene's image |",
             "|---|---|---|---|",
         ]
-        before, after = r["understanding_before"], r["understanding_after"]
-        control = r.get("understanding_shuffled", {"per_kind": {}, "overall": float("nan")})
+        before, after, control = (r[f"understanding_{k}"] for k in ("before", "after", "shuffled"))
         for kind in before["per_kind"]:
             cells = [before["per_kind"][kind]] + [x["per_kind"].get(kind, float("nan")) for x in (after, control)]
             lines.append(f"| {kind} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
