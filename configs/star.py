@@ -74,6 +74,9 @@ def get_config(arg=None):
     # Understanding on the shapes world: this fraction of examples asks for the image's caption
     # instead of one question (a dense signal: every object's colour, shape and count).
     config.data.caption_fraction = 0.0
+    # Understanding on the shapes world: questions per image, asked as the turns of one chat (every
+    # answer is a target), so a step supervises more answers for little more sequence.
+    config.data.qa_per_image = 1
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -105,6 +105,15 @@ def validate(config, num_devices: int | None = None) -> None:
             fraction,
             f"captioning turns come from the shapes world, not source={config.data.source!r}",
         )
+    per_image = config.get("data", {}).get("qa_per_image", 1)
+    if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
+        _fail("data.qa_per_image", per_image, "must be an integer >= 1")
+    if per_image > 1 and config.data.source != "shapes":
+        _fail(
+            "data.qa_per_image",
+            per_image,
+            f"multi-question chats come from the shapes world, not source={config.data.source!r}",
+        )
     try:
         rules = sharding.rules_from_config(config)
         sharding.check_rules(rules)

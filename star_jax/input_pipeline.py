@@ -152,13 +152,25 @@ class ShapesSource:
 
     [i] -> the record of `kind` (pairs | qa | edits) with uint8 [R, R, 3] images and str text:
     `star_jax.shapes.make_example(split, i, ...)`, a pure function of (split, i, seed).
+    Understanding records ('qa'): `caption_fraction` of them ask for the scene's free-form caption
+    instead of one question; with `qa_per_image` > 1 each also carries `follow_ups`, that many - 1
+    more questions about the same scene (JSON `[[question, answer], ...]`).
     """
 
     def __init__(
-        self, split: str, kind: str, num_examples: int, *, resolution: int, seed: int = 0, caption_fraction: float = 0.0
+        self,
+        split: str,
+        kind: str,
+        num_examples: int,
+        *,
+        resolution: int,
+        seed: int = 0,
+        caption_fraction: float = 0.0,
+        qa_per_image: int = 1,
     ):
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
+        self.qa_per_image = qa_per_image
 
     def __len__(self) -> int:
         return self.num_examples
@@ -166,19 +178,41 @@ class ShapesSource:
     def __getitem__(self, index: int) -> dict:
         from star_jax import shapes
 
-        if self.kind == "qa" and self.caption_fraction and self._is_caption(index):
-            ex = shapes.make_example(
-                self.split, int(index), "pair", seed=self.seed, resolution=self.resolution, tag="free_form"
-            )
-            return {"image": ex["image"], "question": CAPTION_QUESTION, "answer": ex["caption"]}
+        if self.kind == "qa":
+            if self.caption_fraction and self._is_caption(index):
+                ex = shapes.make_example(
+                    self.split, int(index), "pair", seed=self.seed, resolution=self.resolution, tag="free_form"
+                )
+                ex |= {"question": CAPTION_QUESTION, "answer": ex["caption"]}
+            else:
+                ex = shapes.make_example(self.split, int(index), "qa", seed=self.seed, resolution=self.resolution)
+            record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
+            if self.qa_per_image > 1:
+                record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex))
+            return record
         ex = shapes.make_example(
             self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution
         )
         if self.kind == "pairs":
             return {"image": ex["image"], "caption": ex["caption"], "metadata": records.json_dumps(ex["metadata"])}
-        if self.kind == "qa":
-            return {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
+
+    def _follow_ups(self, index: int, ex: dict) -> list[list[str]]:
+        """`qa_per_image - 1` more questions about the example's scene (after its QA or captioning
+        turn), none asked twice: [[q, a], ...]; a pure function of (seed, split, index)."""
+        from star_jax.shapes import captions
+        from star_jax.shapes.scene import SPLITS
+
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index), 0xF0])
+        asked, out = {ex["question"]}, []
+        for _ in range(20 * self.qa_per_image):  # a scene with one object admits few distinct questions
+            if len(out) == self.qa_per_image - 1:
+                break
+            q, a, _ = captions.question(rng, ex["scene"], split=self.split)
+            if q not in asked:
+                asked.add(q)
+                out.append([q, a])
+        return out
 
     def _is_caption(self, index: int) -> bool:
         """A pure function of (seed, split, index), like the examples themselves."""
@@ -195,9 +229,15 @@ def make_source(config, split: str, spec: ExampleSpec):
         if spec.pretokenized:
             raise ValueError("config.data.pretokenized=True needs source='arrayrecord' (data/pretokenize_vq.py output)")
         n = data.num_train_examples if split == "train" else data.num_eval_examples
-        caption_fraction = data.caption_fraction if spec.stage == "understanding" else 0.0
+        understanding = spec.stage == "understanding"
         source = ShapesSource(
-            split, spec.kind, n, resolution=spec.render_size, seed=config.seed, caption_fraction=caption_fraction
+            split,
+            spec.kind,
+            n,
+            resolution=spec.render_size,
+            seed=config.seed,
+            caption_fraction=data.caption_fraction if understanding else 0.0,
+            qa_per_image=data.get("qa_per_image", 1) if understanding else 1,
         )
         return source, None
     if data.source == "arrayrecord":
@@ -310,6 +350,7 @@ class PrepareExample:
             max_prompt_len=s.max_prompt_len,
             vit_grid_thw=grid,
             spatial_merge_size=s.merge_size,
+            follow_ups=records.decode_turns(record["follow_ups"]) if record.get("follow_ups") is not None else (),
         )
         out["pixels"] = self._pixels(self._image(record, "image"))
         return out

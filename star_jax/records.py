@@ -156,6 +156,21 @@ def check_codes(value, field: str, *, num_codes: int, codebook_size: int) -> np.
     return codes.astype(np.int32)
 
 
+def decode_turns(value, field: str = "follow_ups") -> tuple[tuple[str, str], ...]:
+    """JSON text `[[question, answer], ...]` (later turns of an understanding chat) -> tuple of
+    (question, answer) str pairs; raises BadRecord naming the field when it is not such a list."""
+    text = decode_text(value, field)
+    try:
+        turns = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord("corrupt_record", f"{field}: not JSON ({e.msg}): {text[:60]!r}") from None
+    if not isinstance(turns, list) or not all(
+        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) and x.strip() for x in t) for t in turns
+    ):
+        raise BadRecord("corrupt_record", f"{field}: expected [[question, answer], ...], got {text[:60]!r}")
+    return tuple((q, a) for q, a in turns)
+
+
 def field(record: dict, name: str):
     """record[name], or BadRecord('missing_field') naming the field and the fields present (tfds
     deserialises an absent feature as None)."""

@@ -144,13 +144,18 @@ def understanding_example(
     max_prompt_len: int,
     vit_grid_thw: tuple[int, int, int] | None,
     spatial_merge_size: int,
+    follow_ups: tuple[tuple[str, str], ...] = (),
 ) -> dict[str, np.ndarray]:
     """Image + question -> answer: `<|vision_start|><|image_pad|>*n<|vision_end|>question` as the user
-    turn, the answer + <|im_end|> as targets. Without an image grid it is a text-only chat."""
-    if not question.strip() or not answer.strip():
+    turn, the answer + <|im_end|> as targets. Without an image grid it is a text-only chat.
+
+    `follow_ups` (question, answer) pairs continue the chat as later user / assistant turns about
+    the same image (Qwen's multi-turn template); every answer + <|im_end|> is a target.
+    """
+    if not question.strip() or not answer.strip() or any(not q.strip() or not a.strip() for q, a in follow_ups):
         raise ValueError("empty question or answer")
     vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
-    image_pad = tok.special("<|image_pad|>")
+    image_pad, im_end = tok.special("<|image_pad|>"), tok.special("<|im_end|>")
     prompt = tok.encode(chat.chat_prompt(question))
     n_vit = 0
     if vit_grid_thw is not None:
@@ -158,10 +163,15 @@ def understanding_example(
         t, h, w = vit_grid_thw
         n_vit = t * h * w // spatial_merge_size**2
         prompt = prompt[:k] + [vs] + [image_pad] * n_vit + [ve] + prompt[k:]
-    reply = tok.encode(answer) + [tok.special("<|im_end|>")]
-    ids = prompt + reply
-    # Position i predicts token i + 1: the last prompt token predicts the first answer token.
-    targets = [-1] * (len(prompt) - 1) + reply + [-1]
+    ids, is_reply = list(prompt), [False] * len(prompt)
+    for i, (q, a) in enumerate(((question, answer), *follow_ups)):
+        if i:
+            turn = tok.encode(chat.follow_up_prompt(q))
+            ids, is_reply = ids + turn, is_reply + [False] * len(turn)
+        reply = tok.encode(a) + [im_end]
+        ids, is_reply = ids + reply, is_reply + [True] * len(reply)
+    # Position i predicts token i + 1: the last prompt token of a turn predicts its first answer token.
+    targets = [t_ if r else -1 for t_, r in zip(ids[1:], is_reply[1:], strict=True)] + [-1]
     vit = [t_ == image_pad for t_ in ids]
     out = _left_pad(
         {"prompt_ids": ids, "prompt_mask": [True] * len(ids), "text_targets": targets, "vit_mask": vit},

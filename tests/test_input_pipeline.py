@@ -102,6 +102,77 @@ def test_caption_fraction_is_validated(value, source, message):
         validation.validate(config)
 
 
+def test_qa_per_image_asks_follow_up_questions_about_the_same_scene():
+    source = input_pipeline.ShapesSource("train", "qa", 40, resolution=32, caption_fraction=0.5, qa_per_image=4)
+    checked = 0
+    for i in range(40):
+        record = source[i]
+        turns = [(record["question"], record["answer"]), *records.decode_turns(record["follow_ups"])]
+        assert len({q for q, _ in turns}) == len(turns) <= 4  # distinct questions
+        scene = shapes.make_example("train", i, "qa", resolution=32)["scene"]
+        if record["question"] == input_pipeline.CAPTION_QUESTION:
+            scene = shapes.make_example("train", i, "pair", resolution=32, tag="free_form")["scene"]
+        else:
+            assert record["answer"] == shapes.make_example("train", i, "qa", resolution=32)["answer"]
+        for q, a in turns[1:]:  # every follow-up answer holds for this record's scene
+            expected = _answer(scene, q)
+            assert expected in (a, None), (i, q, a, expected)
+            checked += expected is not None
+    assert checked >= 60  # of about 120 follow-ups; position questions are not recomputed
+    assert sum(len(records.decode_turns(source[i]["follow_ups"])) == 3 for i in range(40)) >= 36
+    assert (
+        source[7]["follow_ups"]
+        == input_pipeline.ShapesSource("train", "qa", 40, resolution=32, caption_fraction=0.5, qa_per_image=4)[7][
+            "follow_ups"
+        ]
+    )
+    assert "follow_ups" not in input_pipeline.ShapesSource("train", "qa", 40, resolution=32)[7]
+    # The batch holds one target span per turn.
+    config = make_config("understanding", batch_size=4, qa_per_image=3, max_prompt_len=128)
+    batch = next(input_pipeline.make_iterator(config))
+    tok = tokenizer_lib.load_tokenizer("builtin")
+    im_end = tok.special("<|im_end|>")
+    for targets in batch["text_targets"]:
+        assert 2 <= int(np.sum(targets == im_end)) <= 3
+
+
+def _answer(scene, question):
+    """The answer to a shapes-world question, recomputed from the scene for the questions whose
+    grammar is simple to invert (counts, existence, colour, shape); None for the others."""
+    from star_jax.shapes.captions import NUMBERS, make_plural, with_article
+    from star_jax.shapes.scene import COLORS, SHAPES
+
+    objs = scene.objects
+    if question == "how many objects are there?":
+        return NUMBERS[len(objs)]
+    for shape in SHAPES:
+        if question == f"how many {make_plural(shape)} are there?":
+            return NUMBERS[sum(o.shape == shape for o in objs)]
+        if question == f"what color is the {shape}?":
+            return next(o.color for o in objs if o.shape == shape)
+        for color in COLORS:
+            if question == f"how many {color} {make_plural(shape)} are there?":
+                return NUMBERS[sum(o.shape == shape and o.color == color for o in objs)]
+            if question == f"is there {with_article(color)} {shape}?":
+                return "yes" if any(o.shape == shape and o.color == color for o in objs) else "no"
+    for color in COLORS:
+        if question == f"what shape is the {color} object?":
+            return next(o.shape for o in objs if o.color == color)
+    return None
+
+
+@pytest.mark.parametrize(
+    "value, source, message",
+    [(0, "shapes", "integer >= 1"), (-2, "shapes", "integer >= 1"), (3, "arrayrecord", "shapes world")],
+)
+def test_qa_per_image_is_validated(value, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("understanding", qa_per_image=value, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.qa_per_image=.*" + message):
+        validation.validate(config)
+
+
 def test_same_seed_same_batches_other_seed_other_order():
     for stage in ("vq", "generation"):
         a = take(input_pipeline.make_iterator(make_config(stage)), 3)

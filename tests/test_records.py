@@ -54,6 +54,15 @@ def test_decode_text():
         assert e.value.reason == reason and "caption" in str(e.value)
 
 
+def test_decode_turns():
+    assert records.decode_turns(b'[["is there a cross?","no"]]') == (("is there a cross?", "no"),)
+    assert records.decode_turns("[]") == ()
+    for value in [b"[[", b'[["q"]]', b'[["q", ""]]', b'{"q": "a"}', b'[["q", 3]]']:
+        with pytest.raises(records.BadRecord) as e:
+            records.decode_turns(value)
+        assert e.value.reason == "corrupt_record" and "follow_ups" in str(e.value)
+
+
 def test_check_codes():
     codes = records.check_codes(np.arange(16).reshape(4, 4), "codes", num_codes=16, codebook_size=16)
     assert codes.dtype == np.int32 and codes.shape == (16,)

@@ -83,6 +83,33 @@ def test_understanding_targets_cover_answer_and_im_end():
     assert pos[1, first + 15] == pos[0, first] + 3  # the ViT block spans a 4 x 4 merged grid
 
 
+def test_follow_up_turns_follow_qwens_multi_turn_template():
+    turns = [("what color is the circle?", "red"), ("how many objects are there?", "two"), ("is there a cross?", "no")]
+    ex = sequences.understanding_example(
+        TOK, *turns[0], max_prompt_len=128, vit_grid_thw=(1, 8, 8), spatial_merge_size=2, follow_ups=tuple(turns[1:])
+    )
+    ids = _real(ex, "prompt_ids").tolist()
+    # Qwen2.5's chat template: every message is `<|im_start|>{role}\n{content}<|im_end|>\n`.
+    messages = [("system", "You are a helpful assistant.")]
+    for i, (q, a) in enumerate(turns):
+        messages += [("user", (chat.image_placeholder(16) if i == 0 else "") + q), ("assistant", a)]
+    expected = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in messages)
+    assert TOK.decode(ids) + "\n" == expected  # the sequence ends at the last answer's <|im_end|>
+    # Targets: exactly every answer + <|im_end|>, each predicted from the token before it.
+    targets = _real(ex, "text_targets").tolist()
+    im_end = TOK.special("<|im_end|>")
+    spans = [TOK.encode(a) + [im_end] for _, a in turns]
+    assert [t for t in targets if t >= 0] == [t for span in spans for t in span]
+    for i, t in enumerate(targets):
+        if t >= 0:
+            assert ids[i + 1] == t
+    # The follow-up turns are text: 1-D positions continuing after the ViT block.
+    pos = ex["positions"][:, 128 - len(ids) :]
+    last_image = len(ids) - 1 - ids[::-1].index(TOK.special("<|image_pad|>"))
+    tail = pos[:, last_image + 1 :]
+    assert (tail == tail[0]).all() and (np.diff(tail[0]) == 1).all()
+
+
 def test_too_long_and_empty_inputs_raise():
     with pytest.raises(sequences.SequenceTooLong, match="exceeds max_prompt_len=10"):
         sequences.generation_example(TOK, "a photo of a red circle", max_prompt_len=10, num_image_tokens=4)

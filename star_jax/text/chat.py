@@ -16,6 +16,12 @@ def chat_prompt(user_text: str, system: str = SYSTEM) -> str:
     return f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def follow_up_prompt(user_text: str) -> str:
+    """A later user turn of the same chat, after an assistant reply's `<|im_end|>`:
+    `\\n<|im_start|>user\\n{user_text}<|im_end|>\\n<|im_start|>assistant\\n` (Qwen's template)."""
+    return f"\n<|im_start|>user\n{user_text}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def image_placeholder(num_image_tokens: int) -> str:
     """Qwen-VL's image slot in a user turn: `<|vision_start|>` + num x `<|image_pad|>` + `<|vision_end|>`."""
     return "<|vision_start|>" + "<|image_pad|>" * num_image_tokens + "<|vision_end|>"
