@@ -100,7 +100,9 @@ def write_report(workdir: str, r: dict) -> None:
         f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
         f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
         f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
-        f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells",
+        f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over 128 validation "
+        f"edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
+        f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
         "",
     ]
     if "understanding_after" in r:
@@ -137,7 +139,15 @@ def write_report(workdir: str, r: dict) -> None:
         "generation": r["generation"]["summary"],
         "vq_ceiling": {
             k: r["vq_ceiling"][k]
-            for k in ("psnr", "summary", "codebook_usage", "token_entropy_bits", "background_codes")
+            for k in (
+                "psnr",
+                "summary",
+                "codebook_usage",
+                "token_entropy_bits",
+                "background_codes",
+                "edit_unchanged_cells",
+                "edit_codes_kept",
+            )
         },
         "stage_wall_s": r["stage_wall_s"],
         "total_wall_s": r["total_wall_s"],

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -221,6 +222,20 @@ def test_vq_ceiling_and_codebook_usage_of_known_round_trips():
     # A tokenizer that codes each 8 x 8 cell by its mean colour alone gives the background one code.
     cell_code = lambda images: images.reshape(len(images), 8, 8, 8, 8, 3).mean(axis=(2, 4)).sum(-1).astype(int)
     assert shapes_world.code_statistics(cell_code, 4096, num=64)["background_codes"] == 1
+
+
+def test_edit_code_locality_of_local_and_global_tokenizers():
+    from star_jax.eval import shapes_world
+
+    # Codes of each 8 x 8 cell from its own pixels: every unchanged cell keeps its code.
+    cell_code = lambda images: images.reshape(len(images), 8, 8, 8, 8, 3).sum(axis=(2, 4)) @ np.array([1, 97, 9409])
+    local = shapes_world.edit_code_locality(cell_code, num=70)
+    assert 0.5 < local["edit_unchanged_cells"] < 1.0 and local["edit_codes_kept"] == 1.0
+    # Codes that add a hash of the whole image to each cell: an edit changes the hash, no code survives.
+    image_hash = lambda images: np.array([zlib.crc32(x.tobytes()) for x in images])[:, None, None]
+    global_code = lambda images: cell_code(images) + image_hash(images)
+    moved = shapes_world.edit_code_locality(global_code, num=70)
+    assert moved["edit_unchanged_cells"] == local["edit_unchanged_cells"] and moved["edit_codes_kept"] < 0.05
 
 
 def test_understanding_control_asks_about_another_scenes_image():

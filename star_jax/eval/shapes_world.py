@@ -153,8 +153,31 @@ def code_statistics(
     }
 
 
+def edit_code_locality(encode, *, num: int = 128, split: str = "validation", seed: int = 0) -> dict[str, float]:
+    """How much of an edit's token sequence a tokenizer lets the stack copy, over `num` edit pairs.
+
+    encode: uint8 [n, R, R, 3] -> int codes [n, h, w]. Returns
+      edit_unchanged_cells  fraction of grid cells whose pixels are equal in source and target;
+      edit_codes_kept       fraction of those cells whose code is equal too: 1 for a tokenizer whose
+                            codes see only their own cell; low when context makes every code
+                            depend on the whole image, so an edit rewrites most of the sequence.
+    """
+    exs = [shapes.make_example(split, i, "edit", seed=seed) for i in range(num)]
+    source = np.stack([e["source_image"] for e in exs])
+    target = np.stack([e["target_image"] for e in exs])
+    codes = [np.concatenate([np.asarray(encode(x[i : i + 64])) for i in range(0, num, 64)]) for x in (source, target)]
+    n, h, w = codes[0].shape
+    cell = lambda x: x.reshape(n, h, x.shape[1] // h, w, x.shape[2] // w, 3)
+    unchanged = (cell(source) == cell(target)).all(axis=(2, 4, 5))
+    return {
+        "edit_unchanged_cells": float(unchanged.mean()),
+        "edit_codes_kept": float((codes[0] == codes[1])[unchanged].mean()),
+    }
+
+
 def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 1024) -> dict:
-    """`vq_ceiling` (ShapeEval + PSNR of round trips) and the `code_statistics` of a trained VQModel."""
+    """`vq_ceiling` (ShapeEval + PSNR of round trips), `code_statistics` and `edit_code_locality`
+    of a trained VQModel."""
     import jax
 
     from star_jax.decode.runner import to_float, to_uint8
@@ -165,4 +188,5 @@ def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 102
     codes_of = lambda images: encode(jax.numpy.asarray(to_float(images, size)))
     out = vq_ceiling(lambda images: to_uint8(decode(codes_of(images))), per_task=per_task, seed=seed, resolution=size)
     out.update(code_statistics(codes_of, vq_model.cfg.codebook_size, num=usage_images, seed=seed))
+    out.update(edit_code_locality(codes_of, seed=seed))
     return out
