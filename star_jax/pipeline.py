@@ -80,6 +80,11 @@ def run(config, workdir: str) -> dict:
         )
     if "editing" in config.pipeline.stages:
         report["editing"] = shapes_world.editing(star, num=ev.edits, seed=ev.seed, **sampling)
+        # The editing stage trains the same stack on edits alone: what it costs generation.
+        before_editing = runner_lib.StarRunner.from_workdir(workdir, stages=("generation",))
+        report["generation_before_editing"] = shapes_world.generation(
+            before_editing, per_task=ev.per_task, seed=ev.seed, **sampling
+        )
 
     report["vq_ceiling"] = shapes_world.vq_report(star.model.vq, per_task=ev.per_task, seed=ev.seed)
     report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
@@ -96,6 +101,15 @@ def write_report(workdir: str, r: dict) -> None:
 
     lines = ["# STAR on the shapes world", ""]
     lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
+    if "generation_before_editing" in r:
+        tasks_before = r["generation_before_editing"]["summary"]["tasks"]
+        lines += [
+            "The same evaluation of the generation stage's checkpoint, before the editing stage trained "
+            f"the stack on edits: overall **{r['generation_before_editing']['summary']['overall']:.3f}** ("
+            + ", ".join(f"{k} {v[0]:.2f}" for k, v in tasks_before.items())
+            + ").",
+            "",
+        ]
     lines += [
         f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
         f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
@@ -137,6 +151,11 @@ def write_report(workdir: str, r: dict) -> None:
         f.write("\n".join(lines))
     numbers = {
         "generation": r["generation"]["summary"],
+        **(
+            {"generation_before_editing": r["generation_before_editing"]["summary"]}
+            if "generation_before_editing" in r
+            else {}
+        ),
         "vq_ceiling": {
             k: r["vq_ceiling"][k]
             for k in (

@@ -72,6 +72,11 @@ def test_report_written(demo):
     numbers = json.load(open(os.path.join(workdir, "report.json")))
     assert set(numbers["stage_wall_s"]) >= {"vq", "understanding", "generation", "editing", "evaluation"}
     assert 0.0 <= numbers["generation"]["overall"] <= 1.0
+    assert 0.0 <= numbers["generation_before_editing"]["overall"] <= 1.0
+    assert 0.0 < numbers["vq_ceiling"]["edit_unchanged_cells"] < 1.0
+    assert 0.0 <= numbers["vq_ceiling"]["edit_codes_kept"] <= 1.0
+    text = open(os.path.join(workdir, "report.md")).read()
+    assert "before the editing stage" in text and "keep their code" in text
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
