@@ -13,7 +13,7 @@ greedy and 0.23 sampled (same weights, 16 prompts per task).
 base (decoder + ViT) instead of freezing it; its report shows what that does to understanding.
 
 Step counts are sized from step times measured on the 2-core CPU on 2026-11-29 (f32; batch 32,
-vq and editing 16): vq 0.12 s, understanding 2.0 s, generation 1.9 s, editing 2.0 s, so that the
+vq and editing 16): vq 0.17 s, understanding 2.0 s, generation 1.9 s, editing 2.0 s, so that the
 demo (plus about 20 s of compilation per stage and the evaluation) fits in 15 minutes.
 
 Stage-specific settings live in `config.stage_overrides.<stage>` (merged onto the shared config
