@@ -151,11 +151,6 @@ def write_report(workdir: str, r: dict) -> None:
         f.write("\n".join(lines))
     numbers = {
         "generation": r["generation"]["summary"],
-        **(
-            {"generation_before_editing": r["generation_before_editing"]["summary"]}
-            if "generation_before_editing" in r
-            else {}
-        ),
         "vq_ceiling": {
             k: r["vq_ceiling"][k]
             for k in (
@@ -171,6 +166,8 @@ def write_report(workdir: str, r: dict) -> None:
         "stage_wall_s": r["stage_wall_s"],
         "total_wall_s": r["total_wall_s"],
     }
+    if "generation_before_editing" in r:
+        numbers["generation_before_editing"] = r["generation_before_editing"]["summary"]
     for key in ("understanding_before", "understanding_after", "understanding_shuffled", "editing"):
         if key in r:
             numbers[key] = {k: v for k, v in r[key].items() if k in ("per_kind", "overall")}

@@ -125,6 +125,14 @@ def vq_ceiling(reconstruct, *, per_task: int, split: str = "validation", seed: i
     }
 
 
+def _encode_cells(encode, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes [n, h, w] of uint8 images [n, R, R, 3] (encoded 64 at a time) and the images as
+    grid cells [n, h, R / h, w, R / w, 3], cell (i, j) being the pixels code (i, j) stands for."""
+    codes = np.concatenate([np.asarray(encode(images[i : i + 64])) for i in range(0, len(images), 64)])
+    n, h, w = codes.shape
+    return codes, images.reshape(n, h, images.shape[1] // h, w, images.shape[2] // w, 3)
+
+
 def code_statistics(
     encode, codebook_size: int, *, num: int = 1024, split: str = "validation", seed: int = 0
 ) -> dict[str, float]:
@@ -140,9 +148,7 @@ def code_statistics(
                           then guess between).
     """
     images = np.stack([shapes.make_example(split, i, "pair", seed=seed)["image"] for i in range(num)])
-    codes = np.concatenate([np.asarray(encode(images[i : i + 64])) for i in range(0, num, 64)])
-    n, h, w = codes.shape
-    cells = images.reshape(n, h, images.shape[1] // h, w, images.shape[2] // w, 3)
+    codes, cells = _encode_cells(encode, images)
     background = (cells == np.array(shapes.BACKGROUND, np.uint8)).all(axis=(2, 4, 5))
     freq = np.bincount(codes.ravel(), minlength=codebook_size) / codes.size
     freq = freq[freq > 0]
@@ -165,13 +171,11 @@ def edit_code_locality(encode, *, num: int = 128, split: str = "validation", see
     exs = [shapes.make_example(split, i, "edit", seed=seed) for i in range(num)]
     source = np.stack([e["source_image"] for e in exs])
     target = np.stack([e["target_image"] for e in exs])
-    codes = [np.concatenate([np.asarray(encode(x[i : i + 64])) for i in range(0, num, 64)]) for x in (source, target)]
-    n, h, w = codes[0].shape
-    cell = lambda x: x.reshape(n, h, x.shape[1] // h, w, x.shape[2] // w, 3)
-    unchanged = (cell(source) == cell(target)).all(axis=(2, 4, 5))
+    (source_codes, source_cells), (target_codes, target_cells) = (_encode_cells(encode, x) for x in (source, target))
+    unchanged = (source_cells == target_cells).all(axis=(2, 4, 5))
     return {
         "edit_unchanged_cells": float(unchanged.mean()),
-        "edit_codes_kept": float((codes[0] == codes[1])[unchanged].mean()),
+        "edit_codes_kept": float((source_codes == target_codes)[unchanged].mean()),
     }
 
 
