@@ -105,6 +105,8 @@ def get_config(arg=None):
     config.train.b2 = 0.95
     config.train.clip_norm = 1.0
     config.train.trainable = TRAINABLE[arg.stage] if arg.stage in TRAINABLE else []
+    # ((regex, factor), ...): the update of a trainable param whose path matches is scaled by factor.
+    config.train.lr_mults = ()
     config.train.init_from = list(INIT_FROM.get(arg.stage, []))
     config.train.nonfinite = "stop"  # stop | skip (skip up to max_skipped_steps, then stop)
     config.train.max_skipped_steps = 10

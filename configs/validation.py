@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from star_jax import sharding
 from star_jax.configs import sizes
 
@@ -72,6 +74,19 @@ def validate_vq(q, prefix="model.vq"):
             _fail(f"{prefix}.norm_groups", q.norm_groups, f"does not divide channel count {q.ch * m}")
 
 
+def _validate_lr_mults(mults) -> None:
+    for pair in mults:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            _fail("train.lr_mults", pair, "each entry must be a (regex, factor) pair")
+        pattern, factor = pair
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            _fail("train.lr_mults", pattern, f"not a regular expression ({e})")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            _fail("train.lr_mults", pair, "the factor must be a positive number")
+
+
 def validate(config, num_devices: int | None = None) -> None:
     """Checks a full STAR config; raises ConfigError naming the first bad key and value."""
     if config.size not in sizes.SIZES:
@@ -96,6 +111,7 @@ def validate(config, num_devices: int | None = None) -> None:
                 _fail(f"train.{key}", config.train[key], "must be positive")
         if config.train.batch_size % config.train.grad_accum:
             _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
+        _validate_lr_mults(config.train.get("lr_mults", ()))
     fraction = config.get("data", {}).get("caption_fraction", 0.0)
     if not 0.0 <= fraction <= 1.0:
         _fail("data.caption_fraction", fraction, "must be in [0, 1]")

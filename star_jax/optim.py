@@ -55,8 +55,40 @@ def schedule(cfg) -> optax.Schedule:
     return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 
+def _leaf_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def scale_by_path(mults: Sequence[tuple[str, float]]) -> optax.GradientTransformation:
+    """Per-group learning rates: multiplies each update by the factor of the first regex in `mults`
+    that matches its '/'-joined path (1 where none matches), as big_vision's `lr_mults`.
+
+    Placed after the optimizer, so weight decay is scaled with the step. `init` raises if a pattern
+    matches no trainable param (a typo would otherwise train at the base rate unnoticed).
+    """
+    compiled = [(re.compile(pattern), float(factor)) for pattern, factor in mults]
+
+    def factor(path) -> float:
+        name = _leaf_name(path)
+        return next((f for c, f in compiled if c.search(name)), 1.0)
+
+    def init(params):
+        names = [_leaf_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+        for c, _ in compiled:
+            if not any(c.search(n) for n in names):
+                raise ValueError(f"config.train.lr_mults: pattern {c.pattern!r} matches no trainable parameter")
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW (betas from config); weight decay skips vectors (norms, biases)."""
+    """Global-norm clipping, AdamW (betas from config; weight decay skips vectors such as norms and
+    biases), then the per-group factors of `cfg.lr_mults` when given."""
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     chain = []
     if cfg.clip_norm and cfg.clip_norm > 0:
@@ -71,4 +103,6 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
             mask=decay_mask,
         )
     )
+    if cfg.get("lr_mults"):
+        chain.append(scale_by_path(cfg.lr_mults))
     return optax.chain(*chain)

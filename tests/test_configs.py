@@ -73,6 +73,17 @@ def _valid():
         ("stage", "pretraining", r"config.stage='pretraining': unknown stage"),
         ("size", "huge", r"config.size='huge': unknown size"),
         ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
+        (
+            "train.lr_mults",
+            (("^vision/", 0.0),),
+            r"config.train.lr_mults=\('\^vision/', 0.0\): the factor must be a positive number",
+        ),
+        ("train.lr_mults", (("^vision/(", 2.0),), r"config.train.lr_mults='\^vision/\(': not a regular expression"),
+        (
+            "train.lr_mults",
+            ("^vision/",),
+            r"config.train.lr_mults='\^vision/': each entry must be a \(regex, factor\) pair",
+        ),
         ("mesh.ici", (2, 2, 1), r"config.mesh: ici \(2, 2, 1\) x dcn \(1, 1, 1\) = 4 devices, but there are 8"),
         ("mesh.ici", (0, 2, 1), r"config.mesh.ici=\(0, 2, 1\): axis 'data' has size 0"),
     ],

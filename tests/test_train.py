@@ -212,6 +212,34 @@ def test_gradient_accumulation_matches_full_batch():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
+def test_lr_mults_equal_adamw_at_the_scaled_rate():
+    """Each group's update equals a plain AdamW step at lr x its factor (weight decay included)."""
+    import ml_collections
+
+    def opt(lr, mults=()):
+        c = dict(lr=lr, warmup_steps=0, num_steps=10, schedule="constant", b1=0.9, b2=0.95, weight_decay=0.1)
+        return optim.make_optimizer(ml_collections.ConfigDict(c | {"clip_norm": 1.0, "lr_mults": mults}))
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    params = {
+        "vision": {"w": jax.random.normal(keys[0], (4, 3))},
+        "stack": {"0": {"w": jax.random.normal(keys[1], (3, 3))}},
+    }
+    grads = {
+        "vision": {"w": jax.random.normal(keys[2], (4, 3))},
+        "stack": {"0": {"w": jax.random.normal(keys[3], (3, 3))}},
+    }
+    tx = opt(1e-2, (("^vision/", 3.0), ("^stack/0/", 0.5)))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    for group, factor in (("vision", 3.0), ("stack", 0.5)):
+        ref = opt(1e-2 * factor)
+        expected, _ = ref.update(grads, ref.init(params), params)
+        for a, b in zip(jax.tree.leaves(updates[group]), jax.tree.leaves(expected[group])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"lr_mults: pattern '\^visoin/' matches no trainable parameter"):
+        opt(1e-2, (("^visoin/", 3.0),)).init(params)
+
+
 def test_decoder_config_roundtrip():
     cfg = train_fixtures.config()
     assert qwen2.DecoderConfig.from_dict(cfg.model.decoder).hidden_size == 64
