@@ -75,8 +75,12 @@ def test_report_written(demo):
     assert 0.0 <= numbers["generation_before_editing"]["overall"] <= 1.0
     assert 0.0 < numbers["vq_ceiling"]["edit_unchanged_cells"] < 1.0
     assert 0.0 <= numbers["vq_ceiling"]["edit_codes_kept"] <= 1.0
+    info = numbers["caption_information"]
+    assert set(info) == {"background", "object", "first_object"}
+    for v in info.values():
+        assert v["cond"] > 0 and v["uncond"] > 0 and v["gain"] == pytest.approx(v["uncond"] - v["cond"])
     text = open(os.path.join(workdir, "report.md")).read()
-    assert "before the editing stage" in text and "keep their code" in text
+    assert "before the editing stage" in text and "keep their code" in text and "What the caption is worth" in text
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):

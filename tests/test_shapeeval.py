@@ -238,6 +238,54 @@ def test_edit_code_locality_of_local_and_global_tokenizers():
     assert moved["edit_unchanged_cells"] == local["edit_unchanged_cells"] and moved["edit_codes_kept"] < 0.05
 
 
+def test_caption_information_by_cell_kind():
+    """A stand-in stack whose caption row puts logit a on the true code (a by cell kind) and whose
+    CFG row is uniform: the cross-entropies are known in closed form."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from star_jax.eval import shapes_world
+    from star_jax.text import tokenizer
+
+    k, a_bg, a_obj, a_first = 4, 1.0, 2.0, 5.0
+    background = jnp.asarray(np.array(shapes.BACKGROUND, np.float32) / 127.5 - 1.0)
+
+    def encode_to_codes(x):  # [n, 64, 64, 3] in [-1, 1] -> 0 for all-background cells, 1 otherwise
+        cells = x.reshape(x.shape[0], 8, 8, 8, 8, 3)
+        return (jnp.abs(cells - background).max(axis=(2, 4, 5)) > 1e-3).astype(jnp.int32)
+
+    def image_logits(batch, codes):
+        cond = jnp.any(batch["prompt_ids"] != batch["uncond_ids"], axis=1)[:, None]
+        first = jnp.arange(codes.shape[1])[None] == jnp.argmax(codes != 0, axis=1)[:, None]
+        a = jnp.where(codes == 0, a_bg, jnp.where(first, a_first, a_obj))
+        return jax.nn.one_hot(codes, k) * jnp.where(cond, a, 0.0)[..., None]
+
+    model = types.SimpleNamespace(
+        vq_cfg=types.SimpleNamespace(image_size=64),
+        vq=types.SimpleNamespace(encode_to_codes=encode_to_codes),
+        image_logits=image_logits,
+    )
+    runner = types.SimpleNamespace(
+        model=model,
+        tok=tokenizer.load_tokenizer(),
+        config=ml_collections.ConfigDict({"data": {"max_prompt_len": 48}}),
+        num_tokens=64,
+    )
+    out = shapes_world.caption_information(runner, num=24, batch=8)
+
+    ce = lambda a: np.log(np.exp(a) + k - 1) - a
+    images = np.stack([shapes.make_example("validation", i, "pair")["image"] for i in range(24)])
+    n_object = int(np.asarray(encode_to_codes(jnp.asarray(images / 127.5 - 1.0, jnp.float32))).sum())
+    expected_object = (24 * ce(a_first) + (n_object - 24) * ce(a_obj)) / n_object  # one first cell per image
+    for kind, cond in (("background", ce(a_bg)), ("object", expected_object), ("first_object", ce(a_first))):
+        assert out[kind]["uncond"] == pytest.approx(np.log(k), rel=1e-5)
+        assert out[kind]["cond"] == pytest.approx(cond, rel=1e-5)
+        assert out[kind]["gain"] == pytest.approx(np.log(k) - cond, rel=1e-5)
+
+
 def test_understanding_control_asks_about_another_scenes_image():
     from star_jax.eval import shapes_world
 

@@ -4,6 +4,8 @@ generation     ShapeEval (GenEval's six tasks) on images drawn from held-out-fre
 understanding  exact-match QA accuracy per question type
 editing        success = the edited image satisfies the target scene's metadata (ShapeEval logic)
 vq ceiling     ShapeEval on VQ round-trip reconstructions of ground-truth renders, and their PSNR
+caption information  what the caption is worth to the stack: teacher-forced image-token
+               cross-entropy with and without it, by kind of grid cell
 """
 
 from __future__ import annotations
@@ -177,6 +179,62 @@ def edit_code_locality(encode, *, num: int = 128, split: str = "validation", see
         "edit_unchanged_cells": float(unchanged.mean()),
         "edit_codes_kept": float((source_codes == target_codes)[unchanged].mean()),
     }
+
+
+def caption_information(runner, *, num: int = 64, split: str = "validation", seed: int = 0, batch: int = 16) -> dict:
+    """Teacher-forced image-token cross-entropy (nats per token) of `num` caption-image pairs, with
+    the caption (`cond`) and with it replaced by <|fim_pad|> (`uncond`, the CFG row), by grid cell:
+
+      background    cells whose pixels are all background;
+      object        the other cells;
+      first_object  each image's first object cell in raster order, where the stack must choose
+                    what to draw (colour and shape are worth log(10 * 5) = 3.9 nats there).
+
+    `gain` = uncond - cond: how much the caption lowers the loss. Returns
+    {kind: {"cond", "uncond", "gain"}} (floats).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from star_jax import sequences
+    from star_jax.decode.runner import to_float
+
+    model, tok, size = runner.model, runner.tok, runner.model.vq_cfg.image_size
+    exs = [shapes.make_example(split, i, "pair", seed=seed, resolution=size) for i in range(num)]
+    rows = [
+        sequences.generation_example(
+            tok, e["caption"], max_prompt_len=runner.config.data.max_prompt_len, num_image_tokens=runner.num_tokens
+        )
+        for e in exs
+    ]
+    encode = jax.jit(model.vq.encode_to_codes)
+    codes, cells = _encode_cells(lambda x: encode(jnp.asarray(to_float(x, size))), np.stack([e["image"] for e in exs]))
+    codes = codes.reshape(num, -1)
+
+    @jax.jit
+    def token_ce(b, c):
+        logits = model.image_logits(b, c)
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, c[..., None], -1)[..., 0]
+
+    ce = {"cond": [], "uncond": []}
+    for start in range(0, num, batch):
+        b = {
+            k: np.stack([r[k] for r in rows[start : start + batch]])
+            for k in ("prompt_ids", "uncond_ids", "prompt_mask", "positions")
+        }
+        c = jnp.asarray(codes[start : start + batch])
+        ce["cond"].append(np.asarray(token_ce(b, c)))
+        ce["uncond"].append(np.asarray(token_ce(b | {"prompt_ids": b["uncond_ids"]}, c)))
+    ce = {k: np.concatenate(v) for k, v in ce.items()}  # [num, N]
+    background = (cells == np.array(shapes.BACKGROUND, np.uint8)).all(axis=(2, 4, 5)).reshape(num, -1)
+    first = np.zeros_like(background)
+    has_object = (~background).any(axis=1)
+    first[np.flatnonzero(has_object), np.argmax(~background, axis=1)[has_object]] = True
+    out = {}
+    for kind, mask in (("background", background), ("object", ~background), ("first_object", first)):
+        cond, uncond = (float(ce[k][mask].mean()) for k in ("cond", "uncond"))
+        out[kind] = {"cond": cond, "uncond": uncond, "gain": uncond - cond}
+    return out
 
 
 def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 1024) -> dict:
