@@ -80,7 +80,8 @@ def run(config, workdir: str) -> dict:
         )
     generation_runner = star
     if "editing" in config.pipeline.stages:
-        report["editing"] = shapes_world.editing(star, num=ev.edits, seed=ev.seed, **sampling)
+        edit_sampling = sampling | {"cfg": ev.get("edit_cfg", ev.cfg)}
+        report["editing"] = shapes_world.editing(star, num=ev.edits, seed=ev.seed, **edit_sampling)
         # The editing stage trains the same stack on edits alone: what it costs generation.
         generation_runner = runner_lib.StarRunner.from_workdir(workdir, stages=("generation",))
         report["generation_before_editing"] = shapes_world.generation(
