@@ -70,6 +70,24 @@ def run(config, workdir: str) -> dict:
             base_runner = runner_lib.StarRunner.from_workdir(workdir, stages=("understanding",))
             report["understanding_before"] = shapes_world.understanding(base_runner, num=ev.qa, seed=ev.seed)
     t0 = time.perf_counter()
+    if {"generation", "editing"} & set(config.pipeline.stages):
+        vq_model = _evaluate_stack(config, workdir, report)
+    else:  # a tokenizer-only (or base-only) run
+        vq_model = _trained_vq(config, workdir)
+    report["vq_ceiling"] = shapes_world.vq_report(vq_model, per_task=ev.per_task, seed=ev.seed)
+    report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
+    report["total_wall_s"] = time.perf_counter() - t_all
+    write_report(workdir, report)
+    return report
+
+
+def _evaluate_stack(config, workdir: str, report: dict):
+    """Generation, understanding after the later stages, editing and caption information of the
+    trained stack, into `report`. Returns the run's VQModel."""
+    from star_jax.decode import runner as runner_lib
+    from star_jax.eval import shapes_world
+
+    ev = config.pipeline.eval
     star = runner_lib.StarRunner.from_workdir(workdir)
     sampling = dict(cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p, temperature=ev.temperature)
     report["generation"] = shapes_world.generation(star, per_task=ev.per_task, seed=ev.seed, **sampling)
@@ -89,12 +107,23 @@ def run(config, workdir: str) -> dict:
         )
     if "generation" in config.pipeline.stages:
         report["caption_information"] = shapes_world.caption_information(generation_runner, seed=ev.seed)
+    return star.model.vq
 
-    report["vq_ceiling"] = shapes_world.vq_report(star.model.vq, per_task=ev.per_task, seed=ev.seed)
-    report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
-    report["total_wall_s"] = time.perf_counter() - t_all
-    write_report(workdir, report)
-    return report
+
+def _trained_vq(config, workdir: str):
+    """The `vq` stage's trained VQModel under `workdir` (for runs without a generation stage)."""
+    from flax import nnx
+
+    from star_jax import sharding
+    from star_jax.models import star
+
+    c = stage_config(config, "vq")
+    model = sharding.create_sharded(
+        lambda: star.build(c, "vq", rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+    )
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+        tasks.load_from_stage(model, workdir, "vq")
+    return model.vq
 
 
 def write_report(workdir: str, r: dict) -> None:
@@ -104,7 +133,8 @@ def write_report(workdir: str, r: dict) -> None:
     from star_jax.metrics import image_grid
 
     lines = ["# STAR on the shapes world", ""]
-    lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
+    if "generation" in r:
+        lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
     if "generation_before_editing" in r:
         tasks_before = r["generation_before_editing"]["summary"]["tasks"]
         lines += [
@@ -164,7 +194,6 @@ def write_report(workdir: str, r: dict) -> None:
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     numbers = {
-        "generation": r["generation"]["summary"],
         "vq_ceiling": {
             k: r["vq_ceiling"][k]
             for k in (
@@ -180,8 +209,9 @@ def write_report(workdir: str, r: dict) -> None:
         "stage_wall_s": r["stage_wall_s"],
         "total_wall_s": r["total_wall_s"],
     }
-    if "generation_before_editing" in r:
-        numbers["generation_before_editing"] = r["generation_before_editing"]["summary"]
+    for key in ("generation", "generation_before_editing"):
+        if key in r:
+            numbers[key] = r[key]["summary"]
     if "caption_information" in r:
         numbers["caption_information"] = r["caption_information"]
     for key in ("understanding_before", "understanding_after", "understanding_shuffled", "editing"):
@@ -191,6 +221,8 @@ def write_report(workdir: str, r: dict) -> None:
         numbers["understanding_unchanged"] = r["understanding_unchanged"]
     with open(os.path.join(workdir, "report.json"), "w") as f:
         json.dump(numbers, f, indent=2, default=float)
+    if "generation" not in r:
+        return
     samples = [r["generation"]["samples"]]
     if "editing" in r:
         samples.append(r["editing"]["samples"])

@@ -83,6 +83,19 @@ def test_report_written(demo):
     assert "before the editing stage" in text and "keep their code" in text and "What the caption is worth" in text
 
 
+def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
+    config = _tiny_config()
+    config.pipeline.stages = ("vq",)
+    report = pipeline.run(config, str(tmp_path))
+    numbers = json.load(open(tmp_path / "report.json"))
+    assert set(numbers) == {"vq_ceiling", "stage_wall_s", "total_wall_s"}
+    assert (
+        numbers["vq_ceiling"]["psnr"] == pytest.approx(report["vq_ceiling"]["psnr"])
+        and report["vq_ceiling"]["psnr"] > 5
+    )
+    assert "VQ ceiling" in (tmp_path / "report.md").read_text() and not (tmp_path / "samples.png").exists()
+
+
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
     _, workdir, report = demo
     for prefix in ("base/", "vision/", "vq/"):
