@@ -81,7 +81,7 @@ def scale_by_path(mults: Sequence[tuple[str, float]]) -> optax.GradientTransform
 
     def update(updates, state, params=None):
         del params
-        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p) if factor(p) != 1.0 else u, updates), state
+        return jax.tree_util.tree_map_with_path(lambda p, u: u * factor(p), updates), state
 
     return optax.GradientTransformation(init, update)
 
