@@ -73,7 +73,9 @@ def run(config, workdir: str) -> dict:
     if {"generation", "editing"} & set(config.pipeline.stages):
         vq_model = _evaluate_stack(config, workdir, report)
     else:  # a tokenizer-only (or base-only) run
-        vq_model = _trained_vq(config, workdir)
+        from star_jax.cli import vq as vq_cli
+
+        vq_model = vq_cli.model_from_workdir(workdir)
     report["vq_ceiling"] = shapes_world.vq_report(vq_model, per_task=ev.per_task, seed=ev.seed)
     report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
     report["total_wall_s"] = time.perf_counter() - t_all
@@ -108,22 +110,6 @@ def _evaluate_stack(config, workdir: str, report: dict):
     if "generation" in config.pipeline.stages:
         report["caption_information"] = shapes_world.caption_information(generation_runner, seed=ev.seed)
     return star.model.vq
-
-
-def _trained_vq(config, workdir: str):
-    """The `vq` stage's trained VQModel under `workdir` (for runs without a generation stage)."""
-    from flax import nnx
-
-    from star_jax import sharding
-    from star_jax.models import star
-
-    c = stage_config(config, "vq")
-    model = sharding.create_sharded(
-        lambda: star.build(c, "vq", rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
-    )
-    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        tasks.load_from_stage(model, workdir, "vq")
-    return model.vq
 
 
 def write_report(workdir: str, r: dict) -> None:
