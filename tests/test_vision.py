@@ -60,6 +60,18 @@ def test_jit_static_grid_equals_traced_layout():
         nnx.jit(lambda t, p, g: t(p, g))(tower, pixels, jnp.asarray(grid))
 
 
+def test_equal_frames_attend_per_frame_as_the_masked_block():
+    tower = _tower(TINY)
+    grid = ((1, 6, 8), (1, 6, 8), (2, 6, 8))  # four equal frames, partial windows at the edges
+    pixels = _pixels(TINY, grid)
+    layout = vision.vision_layout(grid, TINY)
+    assert vision._uniform_frame_length(layout) == 48
+    assert vision._uniform_frame_length(vision.vision_layout(((1, 6, 8), (1, 8, 6)), TINY)) is None
+    # Traced, the layout's uniformity is unknown: one [N, N] masked block.
+    dense = nnx.jit(lambda t, p, layout: t.encode(p, layout))(tower, pixels, jax.tree.map(jnp.asarray, layout))
+    np.testing.assert_allclose(np.asarray(tower(pixels, grid)), np.asarray(dense), atol=1e-5)
+
+
 def test_images_are_independent():
     # Attention never crosses images: encoding two images together = encoding each alone.
     tower = _tower(TINY)

@@ -35,10 +35,16 @@ def _prompt(rng, grids, text_lens):
     return ids
 
 
-def test_tower_matches_transformers(saved):
+# window 56 px = 2 x 2 merged patches. Mixed grids (partial windows, several images, t = 2) attend
+# over one masked block; equal frames attend per frame (`vision._uniform_frame_length`).
+@pytest.mark.parametrize(
+    "grid",
+    [[[1, 10, 14], [1, 4, 6], [2, 6, 4]], [[1, 10, 14], [1, 10, 14]], [[1, 8, 8]] * 3, [[2, 6, 4]]],
+    ids=["mixed", "equal-partial-windows", "equal", "video"],
+)
+def test_tower_matches_transformers(saved, grid):
     _, torch_model, model = saved
-    # window 56 px = 2 x 2 merged patches: grids with partial windows, several images and t = 2.
-    grid = np.array([[1, 10, 14], [1, 4, 6], [2, 6, 4]])
+    grid = np.array(grid)
     pixels = _pixels(grid)
     with torch.no_grad():
         ref = torch_model.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).pooler_output.numpy()

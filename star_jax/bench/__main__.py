@@ -3,6 +3,7 @@
 decoder    prefill / decode tokens/s and forward FLOP/s as a fraction of a measured matmul peak
 data       build a shapes-world dataset, stream it through the generation pipeline (examples/s)
 generate   text-to-image images/s, star_jax's compiled CFG loop vs the PyTorch reference loop
+vision     vision tower forward + backward images/s, per-frame attention vs one masked block
 convert    export / import time and peak host memory for a STAR size
 """
 
@@ -15,6 +16,7 @@ BENCHES = {
     "decoder": "star_jax.bench.decoder",
     "data": "star_jax.bench.data",
     "generate": "star_jax.bench.generate",
+    "vision": "star_jax.bench.vision",
     "convert": "star_jax.bench.convert",
 }
 
