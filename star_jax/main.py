@@ -16,11 +16,11 @@ COMMANDS = {
     "generate": ("star_jax.cli.generate", "text-to-image with CFG decoding"),
     "edit": ("star_jax.cli.edit", "edit an image with an instruction"),
     "understand": ("star_jax.cli.understand", "answer a question about an image"),
-    "eval": ("star_jax.cli.eval", "evaluate: `eval shapes --images DIR`"),
+    "eval": ("star_jax.cli.eval", "evaluate: `eval shapes --images DIR`, `eval qa --workdir W`"),
     "vq": ("star_jax.cli.vq", "VQ tokenizer: `vq encode` / `vq decode`"),
     "export": ("star_jax.cli.export", "export weights to the reference / Hugging Face layout"),
     "import": ("star_jax.cli.import_", "import reference / Hugging Face weights"),
-    "bench": ("star_jax.bench.__main__", "benchmarks: decoder, data, generate, convert"),
+    "bench": ("star_jax.bench.__main__", "benchmarks: decoder, data, generate, vision, convert"),
 }
 
 

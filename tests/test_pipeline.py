@@ -65,6 +65,22 @@ def _stage_params(model, workdir, stage, prefix):
     return {k: np.asarray(v) for k, v in flat.items() if k.startswith(prefix) and k in loaded}
 
 
+def test_eval_qa_reproduces_the_reports_understanding(demo, capsys, tmp_path):
+    from star_jax.cli import eval as eval_cli
+
+    config, workdir, _ = demo
+    numbers = json.load(open(os.path.join(workdir, "report.json")))
+    out = tmp_path / "qa.json"
+    argv = ["star-jax eval", "qa", "--workdir", workdir, "--num", str(config.pipeline.eval.qa), "--results", str(out)]
+    assert eval_cli.main(argv) == 0
+    result = json.load(open(out))
+    assert {k: r["accuracy"] for k, r in result["per_kind"].items()} == numbers["understanding_before"]["per_kind"]
+    assert {k: r["control"] for k, r in result["per_kind"].items()} == numbers["understanding_shuffled"]["per_kind"]
+    assert sum(r["n"] for r in result["per_kind"].values()) == config.pipeline.eval.qa
+    assert "| overall | 8 |" in capsys.readouterr().out
+    assert eval_cli.main(["star-jax eval", "qa", "--workdir", str(tmp_path / "none")]) == 2
+
+
 def test_report_written(demo):
     _, workdir, report = demo
     assert os.path.exists(os.path.join(workdir, "report.md"))

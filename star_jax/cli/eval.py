@@ -1,7 +1,12 @@
 """`star-jax eval shapes`: score a folder of shapes-world images with ShapeEval and print GenEval's table.
+`star-jax eval qa`: shapes-world QA accuracy per question type of a trained base, with its control.
 
   star-jax eval shapes --images DIR [--metadata FILE] [--results FILE]
   star-jax eval shapes --write_gt N --out DIR [--resolution 64] [--split validation] [--seed 0]
+  star-jax eval qa --workdir W [--stage understanding] [--num 480] [--split validation] [--seed 0]
+
+`eval qa` asks `--num` questions of the split (exact match on the answer) with the right images,
+then the same questions about another scene's image: the control, what the base answers from priors.
 
 Folder layouts read:
 - flat: PNGs in DIR and a metadata JSONL (`--metadata`, default DIR/metadata.jsonl), one GenEval
@@ -13,6 +18,7 @@ Folder layouts read:
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -96,9 +102,59 @@ def write_ground_truth(out: str, per_task: int, *, resolution: int = 64, split: 
     return per_task * len(shapes.GENEVAL_TAGS)
 
 
+def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: int) -> dict:
+    """QA of `stage`'s checkpoint in `workdir`: {"per_kind": {kind: {"accuracy", "control", "n"}}, "overall", "control"}."""
+    from star_jax.decode import runner as runner_lib
+    from star_jax.eval import shapes_world
+
+    runner = runner_lib.StarRunner.from_workdir(workdir, stages=(stage,))
+    real = shapes_world.understanding(runner, num=num, split=split, seed=seed)
+    control = shapes_world.understanding(runner, num=num, split=split, seed=seed, shuffle_images=True)
+    counts = collections.Counter(real["kinds"])
+    per_kind = {
+        k: {"accuracy": v, "control": control["per_kind"][k], "n": counts[k]} for k, v in real["per_kind"].items()
+    }
+    return {"per_kind": per_kind, "overall": real["overall"], "control": control["overall"]}
+
+
+def format_qa(result: dict) -> str:
+    """A markdown table of `question_answering`'s result."""
+    lines = ["| question | n | accuracy | control |", "|---|---|---|---|"]
+    for kind, r in result["per_kind"].items():
+        lines.append(f"| {kind} | {r['n']} | {r['accuracy']:.3f} | {r['control']:.3f} |")
+    n = sum(r["n"] for r in result["per_kind"].values())
+    lines.append(f"| overall | {n} | {result['overall']:.3f} | {result['control']:.3f} |")
+    return "\n".join(lines)
+
+
+def _qa_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"{argv[0]} qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a run's workdir")
+    p.add_argument("--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)")
+    p.add_argument("--num", type=int, default=480, help="questions")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", help="write the result as JSON here")
+    args = p.parse_args(argv[2:])
+    if args.num < 1:
+        p.error(f"--num must be >= 1, got {args.num}")
+    from star_jax.decode.runner import WorkdirError
+
+    try:
+        result = question_answering(args.workdir, stage=args.stage, num=args.num, split=args.split, seed=args.seed)
+    except WorkdirError as e:
+        print(f"{argv[0]} qa: {e}", file=sys.stderr)
+        return 2
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(result, f, indent=1)
+    print(format_qa(result))
+    return 0
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=["shapes"], help="what to evaluate")
+    p.add_argument("benchmark", choices=["shapes", "qa"], help="what to evaluate")
     p.add_argument("--images", help="folder of PNGs to score")
     p.add_argument("--metadata", help="metadata JSONL (flat layout); default IMAGES/metadata.jsonl")
     p.add_argument("--results", help="write one JSON result per image here")
@@ -114,6 +170,8 @@ def main(argv: list[str]) -> int:
     """Entry point; argv[0] is the program name."""
     from star_jax import shapes
 
+    if len(argv) > 1 and argv[1] == "qa":
+        return _qa_main(argv)
     parser = _parser(argv[0] if argv else "star-jax eval")
     args = parser.parse_args(argv[1:])
     if args.write_gt:

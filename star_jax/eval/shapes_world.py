@@ -48,7 +48,7 @@ def generation(runner, *, per_task: int, split: str = "validation", seed: int = 
 def understanding(
     runner, *, num: int, split: str = "validation", seed: int = 0, batch: int = 32, shuffle_images: bool = False
 ) -> dict:
-    """Exact-match QA accuracy: {"per_kind": {kind: accuracy}, "overall": float, "answers": [(q, a, pred)]}.
+    """Exact-match QA accuracy: {"per_kind": {kind: accuracy}, "overall", "answers": [(q, a, pred)], "kinds"}.
 
     shuffle_images: the control that measures what the base answers from priors alone: question i
     is asked about image i + 1 (of another scene), scored against image i's answer.
@@ -69,6 +69,7 @@ def understanding(
         "per_kind": per_kind,
         "overall": float(np.mean([x for v in by_kind.values() for x in v])),
         "answers": [(e["question"], e["answer"], p) for e, p in zip(exs, preds)],
+        "kinds": [e["qa_kind"] for e in exs],
     }
 
 
