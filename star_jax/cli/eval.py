@@ -128,9 +128,13 @@ def format_qa(result: dict) -> str:
 
 
 def _qa_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"{argv[0]} qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=f"{argv[0]} qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--workdir", required=True, help="a run's workdir")
-    p.add_argument("--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)")
+    p.add_argument(
+        "--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)"
+    )
     p.add_argument("--num", type=int, default=480, help="questions")
     p.add_argument("--split", default="validation")
     p.add_argument("--seed", type=int, default=0)
