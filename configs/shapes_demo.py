@@ -19,7 +19,8 @@ base (decoder + ViT) instead of freezing it; its report shows what that does to 
 
 Step counts are sized from step times measured on the 2-core CPU on 2026-11-29 (f32; batch 32,
 vq and editing 16): vq 0.17 s, understanding 2.0 s, generation 1.9 s, editing 2.0 s, so that the
-demo (plus about 20 s of compilation per stage and the evaluation) fits in 15 minutes.
+demo (plus about 20 s of compilation per stage and the evaluation) fits in 15 minutes. Since the
+vision tower attends per image, understanding takes 1.0 s and editing 1.6 s a step (demo 12 min 40 s).
 
 Stage-specific settings live in `config.stage_overrides.<stage>` (merged onto the shared config
 when that stage runs); each can be overridden from the command line, e.g.
