@@ -24,7 +24,8 @@ from star_jax.decode import text
 from star_jax.models import qwen2
 
 
-def _timed(fn, *args, repeats: int):
+def timed(fn, *args, repeats: int):
+    """(compile seconds, median steady-state seconds) of `fn(*args)` over `repeats` calls."""
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
     compile_s = time.perf_counter() - t0
@@ -41,7 +42,7 @@ def matmul_peak(dtype, n: int = 2048, repeats: int = 5) -> float:
     a = jnp.ones((n, n), dtype)
     b = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    _, t = _timed(f, a, b, repeats=repeats)
+    _, t = timed(f, a, b, repeats=repeats)
     return 2 * n**3 / t
 
 
@@ -58,7 +59,7 @@ def bench_size(name: str, batch: int, prompt: int, new: int, dtype: str, repeats
         return nnx.merge(graphdef, state)(ids)
 
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        prefill_compile, prefill_s = _timed(prefill, state, ids, repeats=repeats)
+        prefill_compile, prefill_s = timed(prefill, state, ids, repeats=repeats)
         prompts = np.asarray(ids).tolist()
         # stop id -1 never occurs: every row decodes exactly `new` tokens.
         run = lambda: text.generate_text(model, prompts, max_new_tokens=new, stop_ids=(-1,))

@@ -11,7 +11,6 @@ packed sequence of a batch of mixed sizes must.
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,20 +18,9 @@ import numpy as np
 from flax import nnx
 
 from star_jax import sharding
+from star_jax.bench.decoder import timed
 from star_jax.configs import sizes
 from star_jax.models import vision, vision_preprocess
-
-
-def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return compile_s, float(np.median(times))
 
 
 def bench_size(name: str, batch: int, image: int, repeats: int) -> dict:
@@ -53,8 +41,8 @@ def bench_size(name: str, batch: int, image: int, repeats: int) -> dict:
     grad_traced = jax.jit(jax.grad(loss))
     traced = jax.tree.map(jnp.asarray, layout)
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        frame_compile, frame_s = _median_seconds(grad_concrete, state, pixels, repeats=repeats)
-        block_compile, block_s = _median_seconds(grad_traced, state, pixels, traced, repeats=repeats)
+        frame_compile, frame_s = timed(grad_concrete, state, pixels, repeats=repeats)
+        block_compile, block_s = timed(grad_traced, state, pixels, traced, repeats=repeats)
     return dict(
         size=name,
         image=side,
