@@ -48,7 +48,7 @@ def get_config(arg=None):
     config.train.keep_last = 1
 
     config.pipeline = ml_collections.ConfigDict()
-    config.pipeline.stages = ("vq", "understanding", "generation", "editing")
+    config.pipeline.stages = ("vq", "vision", "understanding", "generation", "editing")
     config.pipeline.eval = ml_collections.ConfigDict(
         dict(
             per_task=8 * scale,
@@ -82,7 +82,12 @@ def get_config(arg=None):
             "vq": stage(1200, 16, 2e-3, vq_loss={"reseed_until": 800 * scale}),
             # Half the examples caption the whole image: on QA alone the base answered from priors
             # (shuffled images changed 6 % of answers after 480 steps); with captions it reads them.
-            "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
+            # The ViT first learns which words an image's caption holds (bag of words, no decoder),
+            # then the understanding stage starts from it.
+            "vision": stage(300, 32, 1e-3),
+            "understanding": stage(
+                120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}, train={"init_from": ["vision"]}
+            ),
             "generation": stage(110, 32, 1e-3),
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}),
         }

@@ -3,7 +3,7 @@ r"""STAR config: one file for every stage and size.
   star-jax train --config configs/star.py:size=tiny,stage=generation,runlocal \
       --config.train.num_steps=100 --workdir runs/tiny
 
-Arguments: size (configs/sizes.py), stage (vq | understanding | generation | editing),
+Arguments: size (configs/sizes.py), stage (vq | vision | understanding | generation | editing),
 runlocal (shrink batch / steps for a CPU smoke run).
 """
 
@@ -12,12 +12,13 @@ import ml_collections
 from star_jax import sharding
 from star_jax.configs import common, sizes
 
-STAGES = ("vq", "understanding", "generation", "editing")
+STAGES = ("vq", "vision", "understanding", "generation", "editing")
 
 # Trainable params per stage, as regexes over '/'-joined param paths. Everything else is frozen:
 # no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
 TRAINABLE = {
     "vq": [r"^vq/", r"^discriminator/"],
+    "vision": [r"^vision/", r"^word_head/"],
     "understanding": [r"^base/", r"^vision/"],
     "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
@@ -25,7 +26,7 @@ TRAINABLE = {
 
 # Where each stage starts from, applied in order: earlier stages' final params, or imports
 # ("hf:<dir>" for a Hugging Face Qwen2.5-VL base, "vq:<file>" for reference VQ weights).
-INIT_FROM = {"vq": [], "understanding": [], "generation": ["vq", "understanding"], "editing": ["generation"]}
+INIT_FROM = {"vq": [], "vision": [], "understanding": [], "generation": ["vq", "understanding"], "editing": ["generation"]}
 
 
 def get_config(arg=None):
@@ -77,6 +78,9 @@ def get_config(arg=None):
     # Understanding on the shapes world: questions per image, asked as the turns of one chat (every
     # answer is a target), so a step supervises more answers for little more sequence.
     config.data.qa_per_image = 1
+    # Shapes world, image-caption stages: only pairs of these tags (shapes.PAIR_TAGS, e.g.
+    # ("single_object", "colors") for one object per image); () = every tag.
+    config.data.pair_tags = ()
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -7,7 +7,7 @@ import re
 from star_jax import sharding
 from star_jax.configs import sizes
 
-STAGES = ("vq", "understanding", "generation", "editing")
+STAGES = ("vq", "vision", "understanding", "generation", "editing")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
@@ -130,6 +130,15 @@ def validate(config, num_devices: int | None = None) -> None:
             per_image,
             f"multi-question chats come from the shapes world, not source={config.data.source!r}",
         )
+    tags = tuple(config.get("data", {}).get("pair_tags", ()))
+    if tags:
+        from star_jax.shapes import splits
+
+        unknown = [t for t in tags if t not in splits.PAIR_TAGS]
+        if unknown:
+            _fail("data.pair_tags", tags, f"unknown tags {unknown}; known: {splits.PAIR_TAGS}")
+        if config.data.source != "shapes":
+            _fail("data.pair_tags", tags, f"tags select shapes-world pairs, not source={config.data.source!r}")
     try:
         rules = sharding.rules_from_config(config)
         sharding.check_rules(rules)

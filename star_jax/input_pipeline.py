@@ -18,6 +18,8 @@ data/shapes_world.py output, user data converted by data/convert.py, or VQ-preto
 Batches per stage (numpy, batch first, B = batch_size // process_count; Tp = max_prompt_len,
 N = VQ codes per image, P = ViT patches per image):
   vq             images [B, H, W, 3] float32 in [-1, 1]
+  vision         pixels [B, P, patch_dim] float32, caption_words [B, V] float32 (1 where vocabulary
+                 word v is a token of the image's caption, else 0; V = model.decoder.vocab_size)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -46,7 +48,7 @@ from star_jax import records, sequences
 # The understanding stage's captioning turn: question of the `caption_fraction` of shapes-world
 # examples whose answer is the scene's free-form caption (every object's colour, shape and count).
 CAPTION_QUESTION = "describe this image."
-STAGE_KIND = {"vq": "pairs", "generation": "pairs", "understanding": "qa", "editing": "edits"}
+STAGE_KIND = {"vq": "pairs", "vision": "pairs", "generation": "pairs", "understanding": "qa", "editing": "edits"}
 SHAPES_KIND = {"pairs": "pair", "qa": "qa", "edits": "edit"}  # star_jax.shapes.make_example kinds
 READ_THREADS = 2  # threads per process (or worker) that load and assemble examples
 MAX_LOGGED = 20  # bad records logged one by one per iterator; later ones only in the periodic summary
@@ -79,6 +81,7 @@ class ExampleSpec:
     merge_size: int
     temporal_patch_size: int
     pretokenized: bool
+    vocab_size: int
     min_image_size: int
     max_aspect_ratio: float
 
@@ -89,7 +92,7 @@ class ExampleSpec:
         from star_jax.models import vq as vq_model
 
         vq, vision, data = config.model.vq, config.model.vision, config.data
-        if config.stage in ("understanding", "editing"):
+        if config.stage in ("vision", "understanding", "editing"):
             vit_grid(config)  # validates vit_image_size against the patch grid
         return cls(
             stage=config.stage,
@@ -103,6 +106,7 @@ class ExampleSpec:
             merge_size=vision.spatial_merge_size,
             temporal_patch_size=vision.temporal_patch_size,
             pretokenized=bool(data.pretokenized),
+            vocab_size=config.model.decoder.vocab_size,
             min_image_size=data.min_image_size,
             max_aspect_ratio=data.max_aspect_ratio,
         )
@@ -118,7 +122,7 @@ class ExampleSpec:
     @property
     def render_size(self) -> int:
         """Resolution the shapes world is rendered at for this stage."""
-        if self.stage == "understanding":
+        if self.stage in ("vision", "understanding"):
             return self.vit_image_size
         if self.stage == "editing":
             return max(self.vq_image_size, self.vit_image_size)
@@ -155,6 +159,7 @@ class ShapesSource:
     Understanding records ('qa'): `caption_fraction` of them ask for the scene's free-form caption
     instead of one question; with `qa_per_image` > 1 each also carries `follow_ups`, that many - 1
     more questions about the same scene (JSON `[[question, answer], ...]`).
+    Pairs: `pair_tags` restricts them to those tags (index i gets pair_tags[i % len]; empty = all).
     """
 
     def __init__(
@@ -167,10 +172,11 @@ class ShapesSource:
         seed: int = 0,
         caption_fraction: float = 0.0,
         qa_per_image: int = 1,
+        pair_tags: tuple[str, ...] = (),
     ):
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
-        self.qa_per_image = qa_per_image
+        self.qa_per_image, self.pair_tags = qa_per_image, tuple(pair_tags)
 
     def __len__(self) -> int:
         return self.num_examples
@@ -190,8 +196,9 @@ class ShapesSource:
             if self.qa_per_image > 1:
                 record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex))
             return record
+        tag = self.pair_tags[int(index) % len(self.pair_tags)] if self.kind == "pairs" and self.pair_tags else None
         ex = shapes.make_example(
-            self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution
+            self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution, tag=tag
         )
         if self.kind == "pairs":
             return {"image": ex["image"], "caption": ex["caption"], "metadata": records.json_dumps(ex["metadata"])}
@@ -238,6 +245,7 @@ def make_source(config, split: str, spec: ExampleSpec):
             seed=config.seed,
             caption_fraction=data.caption_fraction if understanding else 0.0,
             qa_per_image=data.get("qa_per_image", 1) if understanding else 1,
+            pair_tags=tuple(data.get("pair_tags", ())) if spec.kind == "pairs" else (),
         )
         return source, None
     if data.source == "arrayrecord":
@@ -320,6 +328,11 @@ class PrepareExample:
         if s.stage == "vq":
             image = records.square_image(self._image(record, "image"), s.vq_image_size)
             return {"images": records.to_unit_range(image)}
+        if s.stage == "vision":
+            return {
+                "pixels": self._pixels(self._image(record, "image")),
+                "caption_words": sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size),
+            }
         if s.stage == "generation":
             out = sequences.generation_example(
                 self.tokenizer, text("caption"), max_prompt_len=s.max_prompt_len, num_image_tokens=s.num_codes

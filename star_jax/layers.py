@@ -48,11 +48,12 @@ class Dense(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         kernel_init: Initializer | None = None,
+        bias_init: Initializer = nnx.initializers.zeros,
         rngs: nnx.Rngs,
     ):
         kernel_init = kernel_init or nnx.initializers.normal(stddev=in_features**-0.5)
         self.kernel = param(rngs, kernel_init, (in_features, out_features), names, param_dtype)
-        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), names[-1:], param_dtype) if use_bias else None
+        self.bias = param(rngs, bias_init, (out_features,), names[-1:], param_dtype) if use_bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

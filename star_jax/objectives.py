@@ -1,5 +1,6 @@
 """Per-stage losses. Each objective is `(model, batch, rng, step) -> (loss f32, metrics dict)`.
 
+  vision          sigmoid CE of the ViT's caption-word classifier (which words the caption holds)
   understanding   next-token CE of the base on text targets (answer / caption tokens)
   generation      CE over the codebook on the image tokens after <|vision_start|>
   editing         the same CE, with the source image as VQ block + ViT block in the prompt
@@ -48,6 +49,31 @@ def image_codes(model, batch: dict, key: str) -> jax.Array:
         return batch[f"{key}codes"]
     codes = model.vq.encode_to_codes(batch[f"{key}images"])  # [B, h, w]
     return jax.lax.stop_gradient(codes.reshape(codes.shape[0], -1))
+
+
+def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Multi-label CE (big_vision's `sigmoid_xent`): summed over classes, averaged over rows.
+    logits, labels [B, K] (labels in {0, 1}); returns a float32 scalar."""
+    logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
+    per_class = labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits)
+    return -jnp.mean(jnp.sum(per_class, axis=-1))
+
+
+def caption_words_loss(model, batch, rng, step, *, vit_layout=None):
+    """Vision stage: which vocabulary words the image's caption holds, from the mean ViT token.
+
+    Metrics at threshold 1/2: recall and precision over (row, word) pairs, and the fraction of
+    rows whose predicted word set equals the caption's exactly."""
+    logits = model.caption_word_logits(batch, vit_layout)
+    labels = batch["caption_words"]
+    loss = sigmoid_cross_entropy(logits, labels)
+    predicted, truth = logits > 0, labels > 0.5
+    hits = jnp.sum(predicted & truth)
+    return loss, {
+        "word_recall": hits / jnp.maximum(jnp.sum(truth), 1),
+        "word_precision": hits / jnp.maximum(jnp.sum(predicted), 1),
+        "word_set_exact": jnp.mean(jnp.all(predicted == truth, axis=-1).astype(jnp.float32)),
+    }
 
 
 def understanding_loss(model, batch, rng, step, *, vit_layout=None):

@@ -10,6 +10,7 @@ the image tokens always sit at the end of the sequence:
   vit_mask    [Tp] bool    slots that take ViT embeddings (understanding image, edit source)
   src_mask    [Tp] bool    slots that take adapter(codebook[source code]) (editing)
   text_targets [Tp] int32  next-token targets for understanding (-1 = no loss)
+  caption_words [V] float32  multi-hot of the caption's tokens (the vision stage's labels)
 
 Too-long inputs raise `SequenceTooLong` (the input pipeline skips and counts such records).
 """
@@ -39,6 +40,19 @@ def _one_d(start: int, n: int) -> np.ndarray:
 
 def _with_padding_positions(pos: np.ndarray, pad: int) -> np.ndarray:
     return np.concatenate([np.zeros((3, pad), pos.dtype), pos], axis=1)
+
+
+def bag_of_words(tok, caption: str, vocab_size: int) -> np.ndarray:
+    """[V] float32 multi-hot: 1 at every token id of `caption` (word order and counts dropped), the
+    labels of the vision stage's caption-word classifier (SuperClass, Huang et al. 2024)."""
+    ids = np.asarray(tok.encode(caption), np.int64)
+    if ids.size == 0:
+        raise ValueError("empty caption")
+    if ids.max() >= vocab_size:
+        raise ValueError(f"caption token id {int(ids.max())} >= model.decoder.vocab_size={vocab_size}")
+    out = np.zeros(vocab_size, np.float32)
+    out[ids] = 1.0
+    return out
 
 
 def generation_example(tok, caption: str, *, max_prompt_len: int, num_image_tokens: int) -> dict[str, np.ndarray]:

@@ -85,6 +85,8 @@ def initialiser(config):
 def objective(config, vit_layout=None):
     """The loss of `config.stage`."""
     stage = config.stage
+    if stage == "vision":
+        return lambda m, b, r, s: objectives.caption_words_loss(m, b, r, s, vit_layout=vit_layout)
     if stage == "understanding":
         return lambda m, b, r, s: objectives.understanding_loss(m, b, r, s, vit_layout=vit_layout)
     if stage in ("generation", "editing"):
@@ -146,7 +148,7 @@ def make_task(config):
     from star_jax import input_pipeline, train
 
     rows = config.train.batch_size // config.train.grad_accum
-    uses_vit = config.stage in ("understanding", "editing")
+    uses_vit = config.stage in ("vision", "understanding", "editing")
     layout = vit_layout_for(config, rows) if uses_vit else None
     n_img = vq.grid_size(config.model.vq) ** 2
     tokens = config.data.max_prompt_len + (n_img if config.stage in ("generation", "editing") else 0)
@@ -166,5 +168,5 @@ def make_task(config):
         ),
         initialise=initialiser(config),
         flops_per_example=flops_per_example(config),
-        tokens_per_example=tokens if config.stage != "vq" else 1,
+        tokens_per_example=tokens if config.stage not in ("vq", "vision") else 1,
     )

@@ -19,7 +19,7 @@ def make_config(stage="generation", batch_size=4, **data):
     config.train.batch_size = batch_size
     config.data.num_train_examples = 24
     config.data.num_eval_examples = 8
-    config.data.max_prompt_len = {"generation": 48, "vq": 48, "understanding": 96, "editing": 256}[stage]
+    config.data.max_prompt_len = {"generation": 48, "vq": 48, "vision": 48, "understanding": 96, "editing": 256}[stage]
     for key, value in data.items():
         config.data[key] = value
     return config
@@ -69,6 +69,36 @@ def test_understanding_and_editing_batch_schema():
     assert batch["src_images"].shape == batch["images"].shape == (4, 32, 32, 3)
     assert batch["positions"].shape == (4, 3, 256 + 64)
     assert not (batch["src_mask"] & batch["vit_mask"]).any()
+
+
+def test_vision_batch_is_pixels_and_the_captions_words():
+    config = make_config("vision")
+    batch = next(input_pipeline.make_iterator(config, split="validation"))  # read in order: row i = index i
+    side = config.data.vit_image_size // 14
+    assert sorted(batch) == ["caption_words", "pixels"]
+    assert batch["pixels"].shape == (4, side * side, 3 * 2 * 14 * 14)
+    assert batch["caption_words"].shape == (4, config.model.decoder.vocab_size)
+    assert batch["caption_words"].dtype == np.float32
+    tok = tokenizer_lib.load_tokenizer("builtin")
+    for i in range(4):
+        caption = shapes.make_example("validation", i, "pair", resolution=config.data.vit_image_size)["caption"]
+        assert set(np.flatnonzero(batch["caption_words"][i])) == set(tok.encode(caption)), caption
+    understanding = next(input_pipeline.make_iterator(make_config("understanding"), split="validation"))
+    assert understanding["pixels"].dtype == batch["pixels"].dtype  # the tower sees the same input in both
+
+
+def test_pair_tags_select_shapes_world_pairs():
+    source = input_pipeline.ShapesSource("train", "pairs", 40, resolution=32, pair_tags=("single_object", "colors"))
+    for i in range(6):
+        tag = ("single_object", "colors")[i % 2]
+        expected = shapes.make_example("train", i, "pair", resolution=32, tag=tag)
+        assert source[i]["caption"] == expected["caption"] and json.loads(source[i]["metadata"])["tag"] == tag
+    from star_jax.configs import validation
+
+    for tags, source_name, message in [(("single",), "shapes", "unknown tags"), (("colors",), "arrayrecord", "shapes")]:
+        config = make_config("vision", pair_tags=tags, source=source_name, path="/nonexistent")
+        with pytest.raises(validation.ConfigError, match=rf"config.data.pair_tags=.*{message}"):
+            validation.validate(config)
 
 
 def test_caption_fraction_mixes_captioning_turns_into_understanding():

@@ -1,4 +1,4 @@
-"""End to end on the `tiny` size: vq -> understanding -> generation -> editing -> evaluation.
+"""End to end on the `tiny` size: vq -> vision -> understanding -> generation -> editing -> evaluation.
 
 Checks the stage plumbing (init from earlier stages, stack copy, frozen components), not quality:
 the base's params and its understanding answers are bit-identical before and after the
@@ -122,6 +122,28 @@ def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
         for k in before:
             assert np.array_equal(before[k], after[k]), k
     assert report["understanding_unchanged"]
+
+
+def test_understanding_starts_from_the_vision_stages_tower(demo):
+    config, workdir, _ = demo
+    assert "vision" in config.pipeline.stages and config.stage_overrides.understanding.train.init_from == ["vision"]
+    understanding = pipeline.stage_config(config, "understanding")
+    fresh = lambda: sharding.create_sharded(  # noqa: E731
+        lambda: star.build(understanding, rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+    )
+    model, untouched = fresh(), fresh()
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+        tasks.initialiser(understanding)(model, workdir)
+    flat = lambda m: {k: np.asarray(v) for k, v in checkpointing.flatten(nnx.state(m, nnx.Param).to_pure_dict()).items()}  # noqa: E731
+    got, init = flat(model), flat(untouched)
+    ckpts = checkpointing.StageCheckpoints(workdir, "vision")
+    saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
+    ckpts.close()
+    assert any(k.startswith("word_head/") for k in saved) and not any(k.startswith("word_head/") for k in got)
+    tower = [k for k in got if k.startswith("vision/")]
+    assert tower and all(np.array_equal(got[k], np.asarray(saved[k])) for k in tower)
+    assert any(not np.array_equal(got[k], init[k]) for k in tower)  # the vision stage moved them
+    assert all(np.array_equal(got[k], init[k]) for k in got if k.startswith("base/"))  # the base starts fresh
 
 
 def test_stack_started_as_a_copy_of_the_last_base_layers(demo, editing_model):

@@ -115,3 +115,15 @@ def test_too_long_and_empty_inputs_raise():
         sequences.generation_example(TOK, "a photo of a red circle", max_prompt_len=10, num_image_tokens=4)
     with pytest.raises(ValueError, match="empty caption"):
         sequences.generation_example(TOK, "  ", max_prompt_len=40, num_image_tokens=4)
+
+
+def test_bag_of_words_is_the_set_of_caption_tokens():
+    tok = TOK
+    words = sequences.bag_of_words(tok, "two red circles and a red square", tok.vocab_size)
+    assert words.shape == (tok.vocab_size,) and words.dtype == np.float32
+    assert set(np.flatnonzero(words)) == set(tok.encode("two red circles and a square"))
+    assert words.sum() == 6  # "red" twice counts once
+    with pytest.raises(ValueError, match="empty caption"):
+        sequences.bag_of_words(tok, "", tok.vocab_size)
+    with pytest.raises(ValueError, match="vocab_size=10"):
+        sequences.bag_of_words(tok, "a red circle", 10)

@@ -8,6 +8,8 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   stacked_ar/...    qwen2.LayerStack of N layers + final norm (no embedding of its own)
   pixel_adapter/... MLP with exact GELU: codebook vector [C] -> base width [D]
   image_head/...    Linear(D -> codebook size) with bias
+  word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
+                    classifier on mean-pooled ViT tokens (trained there, never used after it)
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -30,6 +32,7 @@ from star_jax.models import qwen2
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
 STAGE_COMPONENTS = {
     "vq": ("vq", "discriminator"),
+    "vision": ("vision", "word_head"),
     "understanding": ("base", "vision"),
     "generation": ALL_COMPONENTS,
     "editing": ALL_COMPONENTS,
@@ -108,7 +111,7 @@ class Star(nnx.Module):
         components: tuple[str, ...] = ALL_COMPONENTS,
         rngs: nnx.Rngs,
     ):
-        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator"}
+        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head"}
         if unknown:
             raise ValueError(f"unknown STAR components {sorted(unknown)}; known: {ALL_COMPONENTS}")
         self.components = tuple(components)
@@ -121,6 +124,20 @@ class Star(nnx.Module):
 
             self.vision = vision.VisionTower(vision_cfg, rngs=rngs)
             self.vision_cfg = vision_cfg
+        if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
+            self.word_head = layers.Dense(
+                vision_cfg.out_hidden_size,
+                decoder_cfg.vocab_size,
+                ("embed", "vocab"),
+                use_bias=True,
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=nnx.initializers.zeros,
+                # A caption holds few of the V words: start every sigmoid near 1 / V, as big_vision
+                # does for large label sets, so the first steps do not just learn the prior.
+                bias_init=nnx.initializers.constant(-float(np.log(decoder_cfg.vocab_size))),
+                rngs=rngs,
+            )
         if "vq" in components:
             from star_jax.models import vq
 
@@ -188,6 +205,12 @@ class Star(nnx.Module):
         return x
 
     # -- heads ---------------------------------------------------------------------------------
+    def caption_word_logits(self, batch: dict, vit_layout=None) -> jax.Array:
+        """Vision stage: logits [B, V] float32 of each vocabulary word being in the image's caption,
+        from the mean of the image's ViT output tokens (pixels [B, P, patch_dim])."""
+        pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
+        return self.word_head(pooled).astype(jnp.float32)
+
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
         x = self.embed_prompt(batch, vit_layout)
