@@ -73,15 +73,29 @@ def abstract_like(tree: PyTree) -> PyTree:
 class StageCheckpoints:
     """Checkpoints of one training stage."""
 
-    def __init__(self, workdir: str, stage: str, *, keep_last: int = 3, keep_every: int = 0, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str,
+        stage: str,
+        *,
+        keep_last: int = 3,
+        keep_every: int = 0,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        """read_only: for readers (inference, evaluation, a later stage): creates and deletes
+        nothing. A writable manager deletes unfinished saves when it opens, which would remove
+        the files of a save in flight in another process (a run still training)."""
         self.dir = os.path.abspath(os.path.join(workdir, stage))
-        os.makedirs(self.dir, exist_ok=True)
+        if not read_only:
+            os.makedirs(self.dir, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep_last,
             keep_period=keep_every or None,
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save and not read_only,
+            create=not read_only,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(os.path.join(self.dir, "ckpt"), options=options)
 

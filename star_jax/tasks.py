@@ -29,7 +29,7 @@ def param_targets(model: nnx.Module) -> dict[str, jax.Array]:
 def load_from_stage(model: nnx.Module, workdir: str, stage: str) -> set[str]:
     """Loads every param of `model` that stage `stage` saved (frozen + newest trainable). Returns
     the flat paths loaded. Raises if the stage has no checkpoint."""
-    ckpts = checkpointing.StageCheckpoints(workdir, stage)
+    ckpts = checkpointing.StageCheckpoints(workdir, stage, read_only=True)
     try:
         step = ckpts.latest_step()
         if step is None:

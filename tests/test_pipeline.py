@@ -136,7 +136,7 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
         tasks.initialiser(understanding)(model, workdir)
     flat = lambda m: {k: np.asarray(v) for k, v in checkpointing.flatten(nnx.state(m, nnx.Param).to_pure_dict()).items()}  # noqa: E731
     got, init = flat(model), flat(untouched)
-    ckpts = checkpointing.StageCheckpoints(workdir, "vision")
+    ckpts = checkpointing.StageCheckpoints(workdir, "vision", read_only=True)
     saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
     ckpts.close()
     assert any(k.startswith("word_head/") for k in saved) and not any(k.startswith("word_head/") for k in got)

@@ -57,7 +57,7 @@ def first_trained_stage(workdir: str, stages) -> tuple[str, ml_collections.Confi
         stage_dir = os.path.join(workdir, name)
         if not os.path.exists(os.path.join(stage_dir, "config.json")):
             continue
-        ckpts = checkpointing.StageCheckpoints(workdir, name)
+        ckpts = checkpointing.StageCheckpoints(workdir, name, read_only=True)
         has = ckpts.latest_step() is not None
         ckpts.close()
         if has:
