@@ -26,7 +26,13 @@ TRAINABLE = {
 
 # Where each stage starts from, applied in order: earlier stages' final params, or imports
 # ("hf:<dir>" for a Hugging Face Qwen2.5-VL base, "vq:<file>" for reference VQ weights).
-INIT_FROM = {"vq": [], "vision": [], "understanding": [], "generation": ["vq", "understanding"], "editing": ["generation"]}
+INIT_FROM = {
+    "vq": [],
+    "vision": [],
+    "understanding": [],
+    "generation": ["vq", "understanding"],
+    "editing": ["generation"],
+}
 
 
 def get_config(arg=None):
@@ -108,10 +114,10 @@ def get_config(arg=None):
     config.train.b1 = 0.9
     config.train.b2 = 0.95
     config.train.clip_norm = 1.0
-    config.train.trainable = TRAINABLE[arg.stage] if arg.stage in TRAINABLE else []
+    config.train.trainable = tuple(TRAINABLE.get(arg.stage, ()))  # tuples: overridable from the command line
     # ((regex, factor), ...): the update of a trainable param whose path matches is scaled by factor.
     config.train.lr_mults = ()
-    config.train.init_from = list(INIT_FROM.get(arg.stage, []))
+    config.train.init_from = tuple(INIT_FROM.get(arg.stage, ()))
     config.train.nonfinite = "stop"  # stop | skip (skip up to max_skipped_steps, then stop)
     config.train.max_skipped_steps = 10
     config.train.log_every = 50

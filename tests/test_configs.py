@@ -10,6 +10,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from star_jax import layers, sharding
+from star_jax.cli import common as cli_common
 from star_jax.configs import common, sizes, star, validation
 from star_jax.configs.sweeps import ladder
 from star_jax.models import qwen2
@@ -43,6 +44,18 @@ def test_config_file_and_dotted_overrides():
         (2, 2, 2),
     )
     assert config.train.batch_size == 8  # runlocal shrinks
+
+
+def test_init_sources_and_trainable_set_are_overridable_on_the_command_line():
+    argv = [
+        "prog",
+        "--config=configs/star.py:size=tiny,stage=understanding",
+        "--config.train.init_from=('vision', 'hf:/models/qwen')",
+        "--config.train.trainable=('^base/stack/',)",
+    ]
+    config = cli_common.parse(argv).config
+    assert config.train.init_from == ("vision", "hf:/models/qwen")
+    assert config.train.trainable == ("^base/stack/",)
     validation.validate(config, num_devices=8)
 
 

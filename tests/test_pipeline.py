@@ -19,7 +19,7 @@ from star_jax.models import star
 
 
 def _tiny_config():
-    config = shapes_demo.get_config()
+    config = shapes_demo.get_config("vision")  # every stage, the optional vision stage included
     tiny = shapes_demo.star.get_config("size=tiny,stage=vq")
     config.model = tiny.model
     config.model.decoder.dtype = "float32"
@@ -134,7 +134,9 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
     model, untouched = fresh(), fresh()
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
         tasks.initialiser(understanding)(model, workdir)
-    flat = lambda m: {k: np.asarray(v) for k, v in checkpointing.flatten(nnx.state(m, nnx.Param).to_pure_dict()).items()}  # noqa: E731
+    flat = lambda m: {
+        k: np.asarray(v) for k, v in checkpointing.flatten(nnx.state(m, nnx.Param).to_pure_dict()).items()
+    }  # noqa: E731
     got, init = flat(model), flat(untouched)
     ckpts = checkpointing.StageCheckpoints(workdir, "vision", read_only=True)
     saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])

@@ -12,7 +12,9 @@ def test_sigmoid_cross_entropy_matches_optax():
     logits = rng.normal(size=(3, 7)).astype(np.float32) * 4
     labels = (rng.random((3, 7)) < 0.3).astype(np.float32)
     expected = optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean()
-    np.testing.assert_allclose(objectives.sigmoid_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        objectives.sigmoid_cross_entropy(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-6
+    )
 
 
 class _FixedLogits:
