@@ -90,7 +90,8 @@ class StageCheckpoints:
         if not read_only:
             os.makedirs(self.dir, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep_last,
+            max_to_keep=None if read_only else keep_last,  # what Orbax forces (with a warning) when read-only
+            save_interval_steps=0 if read_only else 1,
             keep_period=keep_every or None,
             enable_async_checkpointing=async_save and not read_only,
             create=not read_only,
