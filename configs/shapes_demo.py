@@ -38,7 +38,7 @@ from star_jax.configs import common, star
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, quality=False, joint=False, vision=False)
+    arg = common.parse_arg(arg, quality=False, joint=False, vision=True)
     # The quality config trains every stage 4x longer. Generation 8x scored no better: ShapeEval
     # 0.10 at 880 steps against 0.18 at 440 (32 prompts per task, same VQ and base; README).
     scale = 4 if arg.quality else 1
@@ -89,7 +89,7 @@ def get_config(arg=None):
             "vq": stage(1200, 16, 2e-3, vq_loss={"reseed_until": 800 * scale}),
             # Half the examples caption the whole image: on QA alone the base answered from priors
             # (shuffled images changed 6 % of answers after 480 steps); with captions it reads them.
-            "vision": stage(300, 32, 1e-3),  # used by the `vision` variant only
+            "vision": stage(300, 32, 3e-3),
             "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
             "generation": stage(110, 32, 1e-3),
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}),
