@@ -134,10 +134,7 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
     model, untouched = fresh(), fresh()
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
         tasks.initialiser(understanding)(model, workdir)
-    flat = lambda m: {
-        k: np.asarray(v) for k, v in checkpointing.flatten(nnx.state(m, nnx.Param).to_pure_dict()).items()
-    }  # noqa: E731
-    got, init = flat(model), flat(untouched)
+    got, init = ({k: np.asarray(v) for k, v in tasks.param_targets(m).items()} for m in (model, untouched))
     ckpts = checkpointing.StageCheckpoints(workdir, "vision", read_only=True)
     saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
     ckpts.close()
