@@ -72,11 +72,18 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     if {"generation", "editing"} & set(config.pipeline.stages):
         vq_model = _evaluate_stack(config, workdir, report)
-    else:  # a tokenizer-only (or base-only) run
+    elif "vq" in config.pipeline.stages:  # a tokenizer-only run
         from star_jax.cli import vq as vq_cli
 
         vq_model = vq_cli.model_from_workdir(workdir)
-    report["vq_ceiling"] = shapes_world.vq_report(vq_model, per_task=ev.per_task, seed=ev.seed)
+    else:  # a base-only run (vision, understanding): its QA against the control
+        vq_model = None
+        if "understanding_before" in report:
+            report["understanding_shuffled"] = shapes_world.understanding(
+                base_runner, num=ev.qa, seed=ev.seed, shuffle_images=True
+            )
+    if vq_model is not None:
+        report["vq_ceiling"] = shapes_world.vq_report(vq_model, per_task=ev.per_task, seed=ev.seed)
     report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
     report["total_wall_s"] = time.perf_counter() - t_all
     write_report(workdir, report)
@@ -140,7 +147,7 @@ def write_report(workdir: str, r: dict) -> None:
             + ". Naming a colour and a shape is worth log(50) = 3.9 nats at the first object cell.",
             "",
         ]
-    lines += [
+    lines += [] if "vq_ceiling" not in r else [
         f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
         f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
         f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
@@ -149,6 +156,16 @@ def write_report(workdir: str, r: dict) -> None:
         f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
         "",
     ]
+    if "understanding_before" in r and "understanding_after" not in r and "understanding_shuffled" in r:
+        before, control = r["understanding_before"], r["understanding_shuffled"]
+        lines += [
+            "## Understanding (exact-match QA accuracy)",
+            "",
+            "| question | after understanding stage | control: another scene's image |",
+            "|---|---|---|",
+        ]
+        lines += [f"| {k} | {v:.3f} | {control['per_kind'].get(k, float('nan')):.3f} |" for k, v in before["per_kind"].items()]
+        lines += [f"| overall | {before['overall']:.3f} | {control['overall']:.3f} |", ""]
     if "understanding_after" in r:
         lines += [
             "## Understanding (exact-match QA accuracy)",
@@ -179,22 +196,11 @@ def write_report(workdir: str, r: dict) -> None:
     lines += [f"| total | {r['total_wall_s']:.0f} |", ""]
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write("\n".join(lines))
-    numbers = {
-        "vq_ceiling": {
-            k: r["vq_ceiling"][k]
-            for k in (
-                "psnr",
-                "summary",
-                "codebook_usage",
-                "token_entropy_bits",
-                "background_codes",
-                "edit_unchanged_cells",
-                "edit_codes_kept",
-            )
-        },
-        "stage_wall_s": r["stage_wall_s"],
-        "total_wall_s": r["total_wall_s"],
-    }
+    numbers = {"stage_wall_s": r["stage_wall_s"], "total_wall_s": r["total_wall_s"]}
+    if "vq_ceiling" in r:
+        keys = ("psnr", "summary", "codebook_usage", "token_entropy_bits", "background_codes")
+        keys += ("edit_unchanged_cells", "edit_codes_kept")
+        numbers["vq_ceiling"] = {k: r["vq_ceiling"][k] for k in keys}
     for key in ("generation", "generation_before_editing"):
         if key in r:
             numbers[key] = r[key]["summary"]

@@ -147,3 +147,16 @@ def test_hf_export_untied_qwen2(tmp_path):
     assert "lm_head.weight" in SafetensorsFile(os.path.join(hf_dir, "model.safetensors"))
     diffs = verify.compare(model, hf_dir=hf_dir)
     assert set(diffs) == {"hf_text_logits"} and diffs["hf_text_logits"] < 1e-4
+
+
+def test_hf_export_refuses_interleaved_mrope_before_writing(tmp_path):
+    """Qwen2.5-VL has no interleaved M-RoPE: the export says so and writes nothing; text-only is fine."""
+    config = tiny_config()
+    config.model.decoder.mrope_interleaved = True
+    importer.save_stage(random_model(config, seed=4), config, str(tmp_path / "src"))
+    hf_dir = tmp_path / "hf"
+    with pytest.raises(ValueError, match="mrope_interleaved"):
+        export.export_hf(str(tmp_path / "src"), "generation", str(hf_dir))
+    assert not hf_dir.exists()
+    export.export_hf(str(tmp_path / "src"), "generation", str(hf_dir), with_vision=False)
+    assert json.load(open(hf_dir / "config.json"))["architectures"] == ["Qwen2ForCausalLM"]

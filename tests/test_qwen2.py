@@ -66,6 +66,31 @@ def test_qwen25vl_mrope_positions_match_transformers(qwen25vl_pair):
     assert np.abs(out_1d - ref).max() > 1e-3
 
 
+@pytest.mark.parametrize("section", [(8, 12, 12), (12, 10, 10), (4, 6, 6)])
+def test_interleaved_mrope_tables_match_qwen3vl(section):
+    """`mrope_interleaved` against transformers' Qwen3-VL rotary embedding (its cos / sin tables)."""
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    head_dim = 2 * sum(section)
+    hf_cfg = Qwen3VLTextConfig(
+        hidden_size=4 * head_dim,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=list(section), mrope_interleaved=True),
+    )
+    pos = RNG.randint(0, 40, (3, 2, 9))
+    with torch.no_grad():
+        cos_ref, sin_ref = Qwen3VLTextRotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), torch.tensor(pos))
+    cos, sin = qwen2.rope_tables(jnp.asarray(pos), head_dim, 1e6, section, interleaved=True)
+    np.testing.assert_allclose(np.asarray(cos), cos_ref.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(sin), sin_ref.numpy(), atol=1e-5, rtol=0)
+    # Height and width each take some of the highest frequencies, unlike the contiguous layout.
+    streams = qwen2.mrope_streams(section, interleaved=True)
+    assert list(streams[:3]) == [0, 1, 2]
+    assert list(qwen2.mrope_streams(section)[:3]) == [0, 0, 0]
+
+
 def test_greedy_32_tokens_match_transformers_generate(qwen2_pair):
     torch_model, model, _ = qwen2_pair
     prompts = [RNG.randint(0, 256, 7).tolist(), RNG.randint(0, 256, 11).tolist()]

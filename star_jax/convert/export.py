@@ -312,6 +312,12 @@ def hf_config(config, *, with_vision: bool, dtype: str) -> dict:
         return dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", **text, **common)
     from star_jax.models import vision
 
+    if d.mrope_interleaved:
+        raise ValueError(
+            "config.model.decoder.mrope_interleaved=True: Qwen2.5-VL has only contiguous M-RoPE sections, "
+            "so its transformers model would rotate image positions differently; export with_vision=False "
+            "(text-only positions are the same in both layouts) or train with mrope_interleaved=False"
+        )
     v = vision.VisionConfig.from_dict(config.model.vision)
     text |= dict(
         model_type="qwen2_5_vl_text",
@@ -381,6 +387,7 @@ def export_hf(
     if "base" not in model.components:
         raise CheckpointError(f"stage {stage!r} has no base decoder to export as Hugging Face")
     with_vision = "vision" in model.components if with_vision is None else with_vision
+    hf_config(config, with_vision=with_vision, dtype="float32")  # refuses what HF cannot load, before writing
     entries = mapping.decoder_entries(model.decoder_cfg.tie_embeddings, "base/")
     if with_vision:
         from star_jax.convert import hf_vision

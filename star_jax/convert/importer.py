@@ -179,7 +179,8 @@ def _with_usage_default(tensors: Mapping, flat: dict) -> Mapping:
 
 
 _DECODER_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
-_DECODER_FIELDS += ("intermediate_size", "rope_theta", "mrope_section", "rms_eps", "tie_embeddings")
+_DECODER_FIELDS += ("intermediate_size", "rope_theta", "mrope_section", "mrope_interleaved", "rms_eps")
+_DECODER_FIELDS += ("tie_embeddings",)
 _VISION_FIELDS = ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size", "patch_size")
 _VISION_FIELDS += ("temporal_patch_size", "spatial_merge_size", "window_size", "fullatt_block_indexes")
 

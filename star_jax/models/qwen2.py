@@ -51,6 +51,10 @@ class DecoderConfig:
     intermediate_size: int
     rope_theta: float = 1e6
     mrope_section: tuple[int, int, int] = (16, 24, 24)
+    # False: Qwen2.5-VL's contiguous sections [t | h | w], which leave height and width the lowest
+    # frequencies. True: Qwen3-VL's interleaved layout (t, h, w, t, h, w, ...): every axis gets high
+    # and low frequencies. No Qwen2.5-VL checkpoint uses it; export refuses it.
+    mrope_interleaved: bool = False
     rms_eps: float = 1e-6
     tie_embeddings: bool = False
     dtype: str = "float32"  # compute dtype
@@ -119,17 +123,34 @@ class KVCache(NamedTuple):
 # Rotary embeddings
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, mrope_section) -> tuple[jax.Array, jax.Array]:
+def mrope_streams(mrope_section, interleaved: bool = False) -> np.ndarray:
+    """[sum(mrope_section)] int: the position stream (0 t, 1 h, 2 w) of each rotary frequency.
+
+    Contiguous (Qwen2-VL / Qwen2.5-VL): the first mrope_section[0] frequencies (the highest) take
+    t, the next mrope_section[1] h, the rest w. Interleaved (Qwen3-VL's `recomposition_frequencies`):
+    frequency i takes h when i % 3 == 1 and i < 3 * mrope_section[1], w when i % 3 == 2 and
+    i < 3 * mrope_section[2], else t.
+    """
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)
+    stream = np.zeros(sum(mrope_section), np.int64)
+    for axis in (1, 2):
+        stream[axis : 3 * mrope_section[axis] : 3] = axis
+    return stream
+
+
+def rope_tables(
+    positions: jax.Array, head_dim: int, theta: float, mrope_section, interleaved: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables [B, T, head_dim] float32 for positions [B, T] (1-D) or [3, B, T] (M-RoPE).
 
-    M-RoPE (Qwen2-VL): rotary frequency f takes its position from stream 0 (temporal) for the
-    first mrope_section[0] frequencies, stream 1 (height) for the next, stream 2 (width) after.
-    With the three streams equal this is exactly 1-D RoPE.
+    M-RoPE: rotary frequency f takes its position from stream `mrope_streams(...)[f]` (0 temporal,
+    1 height, 2 width). With the three streams equal this is exactly 1-D RoPE.
     """
     if positions.ndim == 2:
         positions = jnp.broadcast_to(positions[None], (3, *positions.shape))
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    stream = np.repeat(np.arange(3), mrope_section)  # [head_dim / 2] -> which position stream
+    stream = mrope_streams(mrope_section, interleaved)  # [head_dim / 2] -> which position stream
     pos = positions.astype(jnp.float32)[stream]  # [head_dim / 2, B, T]
     freqs = jnp.moveaxis(pos, 0, -1) * jnp.asarray(inv_freq, jnp.float32)  # [B, T, head_dim / 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
@@ -354,7 +375,7 @@ class LayerStack(nnx.Module):
         cfg = self.cfg
         b, t = x.shape[:2]
         x = constrain(x.astype(to_dtype(cfg.dtype)), ("batch", "length", "act_embed"))
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, cfg.mrope_interleaved)
         valid = jnp.ones((b, t), bool) if attention_mask_2d is None else attention_mask_2d.astype(bool)
         if cache is None:
             if segment_ids is None and attention_mask_2d is not None:
