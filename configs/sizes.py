@@ -13,7 +13,9 @@ QWEN_VOCAB_7B = 152064
 SHAPES_VOCAB = 512
 
 
-def _decoder(hidden, layers, heads, kv_heads, ffn, vocab, *, head_dim=None, tie=False, mrope=None, theta=1e6):
+def _decoder(
+    hidden, layers, heads, kv_heads, ffn, vocab, *, head_dim=None, tie=False, mrope=None, theta=1e6, interleaved=False
+):
     head_dim = head_dim or hidden // heads
     if mrope is None:  # Qwen's split of head_dim / 2 rotary pairs: 1/4 temporal, 3/8 height, 3/8 width.
         half = head_dim // 2
@@ -28,6 +30,7 @@ def _decoder(hidden, layers, heads, kv_heads, ffn, vocab, *, head_dim=None, tie=
         intermediate_size=ffn,
         rope_theta=theta,
         mrope_section=tuple(mrope),
+        mrope_interleaved=interleaved,
         rms_eps=1e-6,
         tie_embeddings=tie,
     )

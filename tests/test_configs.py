@@ -126,6 +126,19 @@ def test_every_size_and_stage_is_valid():
             validation.validate(star.get_config(f"size={size},stage={stage}"), num_devices=8)
 
 
+@pytest.mark.parametrize("variant", ["", "quality", "joint", "vision", "base", "base,und_steps=2400"])
+def test_every_shapes_demo_stage_is_valid(variant):
+    from star_jax import pipeline
+    from star_jax.configs import shapes_demo
+
+    config = shapes_demo.get_config(variant)
+    for stage in config.pipeline.stages:
+        validation.validate(pipeline.stage_config(config, stage), num_devices=8)
+    if "base" in variant:
+        assert config.pipeline.stages == ("vision", "understanding")
+        assert pipeline.stage_config(config, "understanding").train.init_from == ("vision",)
+
+
 def test_sweeps_are_lists_of_override_dicts():
     runs = ladder.get_sweep()
     assert len(runs) >= 5 and all(isinstance(r, dict) for r in runs)

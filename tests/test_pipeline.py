@@ -112,6 +112,20 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
     assert "VQ ceiling" in (tmp_path / "report.md").read_text() and not (tmp_path / "samples.png").exists()
 
 
+def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
+    """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE."""
+    config = _tiny_config()
+    config.pipeline.stages = ("vision", "understanding")
+    config.model.decoder.mrope_interleaved = True
+    report = pipeline.run(config, str(tmp_path))
+    numbers = json.load(open(tmp_path / "report.json"))
+    assert set(numbers) == {"understanding_before", "understanding_shuffled", "stage_wall_s", "total_wall_s"}
+    assert numbers["understanding_before"]["overall"] == pytest.approx(report["understanding_before"]["overall"])
+    text = (tmp_path / "report.md").read_text()
+    assert "| question | after understanding stage | control: another scene's image |" in text
+    assert "VQ ceiling" not in text and not (tmp_path / "vq").exists()
+
+
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
     _, workdir, report = demo
     for prefix in ("base/", "vision/", "vq/"):
