@@ -147,15 +147,16 @@ def write_report(workdir: str, r: dict) -> None:
             + ". Naming a colour and a shape is worth log(50) = 3.9 nats at the first object cell.",
             "",
         ]
-    lines += [] if "vq_ceiling" not in r else [
-        f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
-        f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
-        f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
-        f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over 128 validation "
-        f"edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
-        f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
-        "",
-    ]
+    if "vq_ceiling" in r:
+        lines += [
+            f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
+            f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
+            f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
+            f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over 128 validation "
+            f"edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
+            f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
+            "",
+        ]
     if "understanding_before" in r and "understanding_after" not in r and "understanding_shuffled" in r:
         before, control = r["understanding_before"], r["understanding_shuffled"]
         lines += [
@@ -164,7 +165,9 @@ def write_report(workdir: str, r: dict) -> None:
             "| question | after understanding stage | control: another scene's image |",
             "|---|---|---|",
         ]
-        lines += [f"| {k} | {v:.3f} | {control['per_kind'].get(k, float('nan')):.3f} |" for k, v in before["per_kind"].items()]
+        lines += [
+            f"| {k} | {v:.3f} | {control['per_kind'].get(k, float('nan')):.3f} |" for k, v in before["per_kind"].items()
+        ]
         lines += [f"| overall | {before['overall']:.3f} | {control['overall']:.3f} |", ""]
     if "understanding_after" in r:
         lines += [
