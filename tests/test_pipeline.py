@@ -140,7 +140,8 @@ def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
 
 def test_understanding_starts_from_the_vision_stages_tower(demo):
     config, workdir, _ = demo
-    assert "vision" in config.pipeline.stages and config.stage_overrides.understanding.train.init_from == ["vision"]
+    assert "vision" in config.pipeline.stages
+    assert tuple(config.stage_overrides.understanding.train.init_from) == ("vision",)
     understanding = pipeline.stage_config(config, "understanding")
     fresh = lambda: sharding.create_sharded(  # noqa: E731
         lambda: star.build(understanding, rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
