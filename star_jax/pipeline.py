@@ -157,39 +157,26 @@ def write_report(workdir: str, r: dict) -> None:
             f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
             "",
         ]
-    if "understanding_before" in r and "understanding_after" not in r and "understanding_shuffled" in r:
-        before, control = r["understanding_before"], r["understanding_shuffled"]
-        lines += [
-            "## Understanding (exact-match QA accuracy)",
-            "",
-            "| question | after understanding stage | control: another scene's image |",
-            "|---|---|---|",
-        ]
-        lines += [
-            f"| {k} | {v:.3f} | {control['per_kind'].get(k, float('nan')):.3f} |" for k, v in before["per_kind"].items()
-        ]
-        lines += [f"| overall | {before['overall']:.3f} | {control['overall']:.3f} |", ""]
-    if "understanding_after" in r:
-        lines += [
-            "## Understanding (exact-match QA accuracy)",
-            "",
-            "| question | after understanding stage | after all stages | control: another scene's image |",
-            "|---|---|---|---|",
-        ]
-        before, after, control = (r[f"understanding_{k}"] for k in ("before", "after", "shuffled"))
-        for kind in before["per_kind"]:
-            cells = [before["per_kind"][kind]] + [x["per_kind"].get(kind, float("nan")) for x in (after, control)]
+    if "understanding_before" in r and "understanding_shuffled" in r:
+        titles = {"before": "after understanding stage", "after": "after all stages"}
+        titles["shuffled"] = "control: another scene's image"
+        columns = [(t, r[f"understanding_{k}"]) for k, t in titles.items() if f"understanding_{k}" in r]
+        lines += ["## Understanding (exact-match QA accuracy)", ""]
+        lines += ["| question | " + " | ".join(t for t, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        for kind in r["understanding_before"]["per_kind"]:
+            cells = [x["per_kind"].get(kind, float("nan")) for _, x in columns]
             lines.append(f"| {kind} | " + " | ".join(f"{v:.3f}" for v in cells) + " |")
-        same = [a[2] for a in before["answers"]] == [a[2] for a in after["answers"]]
-        lines += [
-            f"| overall | {before['overall']:.3f} | {after['overall']:.3f} | {control['overall']:.3f} |",
-            "",
-            f"Answers bit-identical before and after the generation and editing stages: **{same}**. "
-            "The control asks each question about another scene's image: what the base answers from "
-            "priors alone.",
-            "",
-        ]
-        r["understanding_unchanged"] = same
+        lines += ["| overall | " + " | ".join(f"{x['overall']:.3f}" for _, x in columns) + " |", ""]
+        if "understanding_after" in r:
+            before, after = r["understanding_before"], r["understanding_after"]
+            same = [a[2] for a in before["answers"]] == [a[2] for a in after["answers"]]
+            lines += [
+                f"Answers bit-identical before and after the generation and editing stages: **{same}**. "
+                "The control asks each question about another scene's image: what the base answers from "
+                "priors alone.",
+                "",
+            ]
+            r["understanding_unchanged"] = same
     if "editing" in r:
         lines += ["## Editing success", "", "| edit | success |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in r["editing"]["per_kind"].items()]
