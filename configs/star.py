@@ -18,7 +18,7 @@ STAGES = ("vq", "vision", "understanding", "generation", "editing")
 # no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
 TRAINABLE = {
     "vq": [r"^vq/", r"^discriminator/"],
-    "vision": [r"^vision/", r"^word_head/"],
+    "vision": [r"^vision/", r"^word_head/", r"^cell_head/"],
     "understanding": [r"^base/", r"^vision/"],
     "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
@@ -87,6 +87,9 @@ def get_config(arg=None):
     # Shapes world, image-caption stages: only pairs of these tags (shapes.PAIR_TAGS, e.g.
     # ("single_object", "colors") for one object per image); () = every tag.
     config.data.pair_tags = ()
+    # Vision stage labels: caption_words (which words the caption holds; any image-caption data) |
+    # scene_cells (each ViT token's object shape and colour; the procedural shapes world only).
+    config.data.vision_labels = "caption_words"
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

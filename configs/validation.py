@@ -130,6 +130,13 @@ def validate(config, num_devices: int | None = None) -> None:
             per_image,
             f"multi-question chats come from the shapes world, not source={config.data.source!r}",
         )
+    labels = config.get("data", {}).get("vision_labels", "caption_words")
+    if labels not in ("caption_words", "scene_cells"):
+        _fail("data.vision_labels", labels, "not one of ('caption_words', 'scene_cells')")
+    if labels == "scene_cells" and config.data.source != "shapes":
+        _fail(
+            "data.vision_labels", labels, f"scene cells come from the shapes world, not source={config.data.source!r}"
+        )
     tags = tuple(config.get("data", {}).get("pair_tags", ()))
     if tags:
         from star_jax.shapes import splits

@@ -18,8 +18,10 @@ data/shapes_world.py output, user data converted by data/convert.py, or VQ-preto
 Batches per stage (numpy, batch first, B = batch_size // process_count; Tp = max_prompt_len,
 N = VQ codes per image, P = ViT patches per image):
   vq             images [B, H, W, 3] float32 in [-1, 1]
-  vision         pixels [B, P, patch_dim] float32, caption_words [B, V] float32 (1 where vocabulary
-                 word v is a token of the image's caption, else 0; V = model.decoder.vocab_size)
+  vision         pixels [B, P, patch_dim] float32 and, by `config.data.vision_labels`:
+                 caption_words [B, V] float32 (1 where vocabulary word v is a token of the image's
+                 caption, else 0; V = model.decoder.vocab_size), or scene_cells: cell_shape,
+                 cell_color [B, G * G] int32 (shapes world; see `scene_cell_labels`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -84,6 +86,7 @@ class ExampleSpec:
     vocab_size: int
     min_image_size: int
     max_aspect_ratio: float
+    vision_labels: str = "caption_words"
 
     @classmethod
     def from_config(cls, config) -> ExampleSpec:
@@ -109,6 +112,7 @@ class ExampleSpec:
             vocab_size=config.model.decoder.vocab_size,
             min_image_size=data.min_image_size,
             max_aspect_ratio=data.max_aspect_ratio,
+            vision_labels=data.get("vision_labels", "caption_words"),
         )
 
     @property
@@ -145,6 +149,30 @@ class Skipped:
     index: int
     reason: str
     detail: str
+
+
+def scene_cell_labels(objects, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense labels of the vision stage's `scene_cells` objective, one per merged ViT token.
+
+    objects: [[shape, colour, x, y, size], ...] (a shapes-world scene; centres as fractions of the
+    image side); grid: merged tokens per side (G). Returns (shape, colour) [G * G] int32 in the
+    merged tokens' raster order: 1 + the index in shapes.SHAPES / shapes.COLORS of the object whose
+    centre lies in the cell, 0 where none does. Two centres in one cell (rare: boxes keep a margin)
+    label it with the larger object, so every label names a visible object.
+    """
+    from star_jax.shapes import scene as scene_lib
+
+    colors = list(scene_lib.COLORS)
+    shape_label, color_label = np.zeros(grid * grid, np.int32), np.zeros(grid * grid, np.int32)
+    size_of = np.zeros(grid * grid)
+    for shape, color, x, y, size in objects:
+        row, col = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
+        cell = row * grid + col
+        if size > size_of[cell]:
+            shape_label[cell] = 1 + scene_lib.SHAPES.index(scene_lib.check_shape(shape, "objects"))
+            color_label[cell] = 1 + colors.index(scene_lib.check_color(color, "objects"))
+            size_of[cell] = size
+    return shape_label, color_label
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +229,13 @@ class ShapesSource:
             self.split, int(index), SHAPES_KIND[self.kind], seed=self.seed, resolution=self.resolution, tag=tag
         )
         if self.kind == "pairs":
-            return {"image": ex["image"], "caption": ex["caption"], "metadata": records.json_dumps(ex["metadata"])}
+            objects = [[o.shape, o.color, o.x, o.y, o.size] for o in ex["scene"].objects]
+            return {
+                "image": ex["image"],
+                "caption": ex["caption"],
+                "metadata": records.json_dumps(ex["metadata"]),
+                "objects": records.json_dumps(objects),  # the scene itself (vision_labels='scene_cells')
+            }
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
 
     def _follow_ups(self, index: int, ex: dict) -> list[list[str]]:
@@ -329,10 +363,14 @@ class PrepareExample:
             image = records.square_image(self._image(record, "image"), s.vq_image_size)
             return {"images": records.to_unit_range(image)}
         if s.stage == "vision":
-            return {
-                "pixels": self._pixels(self._image(record, "image")),
-                "caption_words": sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size),
-            }
+            out = {"pixels": self._pixels(self._image(record, "image"))}
+            if s.vision_labels == "scene_cells":
+                objects = records.decode_objects(records.field(record, "objects"))
+                grid = s.vit_image_size // (s.patch_size * s.merge_size)
+                out["cell_shape"], out["cell_color"] = scene_cell_labels(objects, grid)
+            else:
+                out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)
+            return out
         if s.stage == "generation":
             out = sequences.generation_example(
                 self.tokenizer, text("caption"), max_prompt_len=s.max_prompt_len, num_image_tokens=s.num_codes

@@ -1,6 +1,7 @@
 """Per-stage losses. Each objective is `(model, batch, rng, step) -> (loss f32, metrics dict)`.
 
-  vision          sigmoid CE of the ViT's caption-word classifier (which words the caption holds)
+  vision          sigmoid CE of the ViT's caption-word classifier (which words the caption holds),
+                  or (data.vision_labels='scene_cells') CE of each ViT token's shape and colour
   understanding   next-token CE of the base on text targets (answer / caption tokens)
   generation      CE over the codebook on the image tokens after <|vision_start|>
   editing         the same CE, with the source image as VQ block + ViT block in the prompt
@@ -73,6 +74,26 @@ def caption_words_loss(model, batch, rng, step, *, vit_layout=None):
         "word_recall": hits / jnp.maximum(jnp.sum(truth), 1),
         "word_precision": hits / jnp.maximum(jnp.sum(predicted), 1),
         "word_set_exact": jnp.mean(jnp.all(predicted == truth, axis=-1).astype(jnp.float32)),
+    }
+
+
+def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
+    """Vision stage on the shapes world: per merged ViT token, CE of the shape and of the colour of
+    the object centred in its cell (0 = none), summed and averaged over tokens.
+
+    Metrics: shape / colour accuracy over the cells that hold an object's centre, and the fraction
+    of images whose every cell (empty or not) is labelled right."""
+    shape_logits, color_logits = model.cell_logits(batch, vit_layout)
+    shape_loss, _, _ = cross_entropy(shape_logits, batch["cell_shape"])
+    color_loss, _, _ = cross_entropy(color_logits, batch["cell_color"])
+    occupied = batch["cell_shape"] > 0
+    shape_ok = jnp.argmax(shape_logits, -1) == batch["cell_shape"]
+    color_ok = jnp.argmax(color_logits, -1) == batch["cell_color"]
+    n = jnp.maximum(occupied.sum(), 1)
+    return shape_loss + color_loss, {
+        "cell_shape_accuracy": jnp.sum(shape_ok & occupied) / n,
+        "cell_color_accuracy": jnp.sum(color_ok & occupied) / n,
+        "scene_exact": jnp.mean(jnp.all(shape_ok & color_ok, axis=-1).astype(jnp.float32)),
     }
 
 

@@ -156,6 +156,27 @@ def check_codes(value, field: str, *, num_codes: int, codebook_size: int) -> np.
     return codes.astype(np.int32)
 
 
+def decode_objects(value, field: str = "objects") -> list[tuple[str, str, float, float, float]]:
+    """JSON text `[[shape, colour, x, y, size], ...]` (a shapes-world scene) -> list of tuples;
+    raises BadRecord naming the field when it is not such a list (names are checked by the caller)."""
+    text = decode_text(value, field)
+    try:
+        objects = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord("corrupt_record", f"{field}: not JSON ({e.msg}): {text[:60]!r}") from None
+    ok = lambda o: (
+        isinstance(o, list)
+        and len(o) == 5
+        and all(isinstance(x, str) for x in o[:2])
+        and all(isinstance(x, int | float) and 0.0 <= x <= 1.0 for x in o[2:])
+    )
+    if not isinstance(objects, list) or not all(ok(o) for o in objects):
+        raise BadRecord(
+            "corrupt_record", f"{field}: expected [[shape, colour, x, y, size], ...] in [0, 1], got {text[:60]!r}"
+        )
+    return [tuple(o) for o in objects]
+
+
 def decode_turns(value, field: str = "follow_ups") -> tuple[tuple[str, str], ...]:
     """JSON text `[[question, answer], ...]` (later turns of an understanding chat) -> tuple of
     (question, answer) str pairs; raises BadRecord naming the field when it is not such a list."""

@@ -86,6 +86,8 @@ def objective(config, vit_layout=None):
     """The loss of `config.stage`."""
     stage = config.stage
     if stage == "vision":
+        if config.data.get("vision_labels", "caption_words") == "scene_cells":
+            return lambda m, b, r, s: objectives.scene_cells_loss(m, b, r, s, vit_layout=vit_layout)
         return lambda m, b, r, s: objectives.caption_words_loss(m, b, r, s, vit_layout=vit_layout)
     if stage == "understanding":
         return lambda m, b, r, s: objectives.understanding_loss(m, b, r, s, vit_layout=vit_layout)

@@ -85,6 +85,39 @@ def test_vision_batch_is_pixels_and_the_captions_words():
         assert set(np.flatnonzero(batch["caption_words"][i])) == set(tok.encode(caption)), caption
 
 
+def test_scene_cell_labels_mark_each_objects_centre_cell():
+    objects = [
+        ["circle", "red", 0.1, 0.1, 0.2],  # row 0, col 0
+        ["cross", "white", 0.9, 0.3, 0.2],  # row 1, col 3
+        ["square", "blue", 0.55, 0.8, 0.18],  # row 3, col 2; shares it with a larger triangle
+        ["triangle", "green", 0.7, 0.95, 0.25],
+    ]
+    shape, color = input_pipeline.scene_cell_labels(objects, 4)
+    expected_shape, expected_color = np.zeros(16, np.int32), np.zeros(16, np.int32)
+    for cell, s, c in ((0, "circle", "red"), (7, "cross", "white"), (14, "triangle", "green")):
+        expected_shape[cell] = 1 + shapes.SHAPES.index(s)
+        expected_color[cell] = 1 + list(shapes.COLORS).index(c)
+    np.testing.assert_array_equal(shape, expected_shape)
+    np.testing.assert_array_equal(color, expected_color)
+    with pytest.raises(ValueError, match="objects.*hexagon"):
+        input_pipeline.scene_cell_labels([["hexagon", "red", 0.5, 0.5, 0.2]], 4)
+
+
+def test_vision_batch_on_scene_cells_labels_every_merged_token():
+    config = make_config("vision", vision_labels="scene_cells")
+    batch = next(input_pipeline.make_iterator(config, split="validation"))  # row i = index i
+    grid = config.data.vit_image_size // (14 * 2)
+    assert sorted(batch) == ["cell_color", "cell_shape", "pixels"]
+    assert batch["cell_shape"].shape == batch["cell_color"].shape == (4, grid * grid)
+    for i in range(4):
+        scene = shapes.make_example("validation", i, "pair", resolution=config.data.vit_image_size)["scene"]
+        objects = [[o.shape, o.color, o.x, o.y, o.size] for o in scene.objects]
+        shape, color = input_pipeline.scene_cell_labels(objects, grid)
+        np.testing.assert_array_equal(batch["cell_shape"][i], shape)
+        np.testing.assert_array_equal(batch["cell_color"][i], color)
+        assert 1 <= (shape > 0).sum() <= len(objects)
+
+
 def test_pair_tags_select_shapes_world_pairs():
     source = input_pipeline.ShapesSource("train", "pairs", 40, resolution=32, pair_tags=("single_object", "colors"))
     for i in range(6):
@@ -127,6 +160,17 @@ def test_caption_fraction_is_validated(value, source, message):
 
     config = make_config("understanding", caption_fraction=value, source=source, path="/nonexistent")
     with pytest.raises(validation.ConfigError, match=r"config\.data\.caption_fraction=.*" + message):
+        validation.validate(config)
+
+
+@pytest.mark.parametrize(
+    "value, source, message", [("boxes", "shapes", "not one of"), ("scene_cells", "arrayrecord", "shapes world")]
+)
+def test_vision_labels_are_validated(value, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("vision", vision_labels=value, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.vision_labels=.*" + message):
         validation.validate(config)
 
 

@@ -113,10 +113,12 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
 
 
 def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
-    """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE."""
+    """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE
+    and the vision stage on scene cells."""
     config = _tiny_config()
     config.pipeline.stages = ("vision", "understanding")
     config.model.decoder.mrope_interleaved = True
+    config.data.vision_labels = "scene_cells"
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
     assert set(numbers) == {"understanding_before", "understanding_shuffled", "stage_wall_s", "total_wall_s"}
@@ -124,6 +126,13 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "| question | after understanding stage | control: another scene's image |" in text
     assert "VQ ceiling" not in text and not (tmp_path / "vq").exists()
+    ckpts = checkpointing.StageCheckpoints(str(tmp_path), "vision", read_only=True)
+    saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
+    ckpts.close()
+    assert any(k.startswith("cell_head/") for k in saved) and not any(k.startswith("word_head/") for k in saved)
+    log = [json.loads(line) for line in open(tmp_path / "vision" / "metrics.jsonl")]
+    assert all(0.0 <= row["cell_shape_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
+    assert any("cell_shape_accuracy" in row for row in log)
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):

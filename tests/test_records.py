@@ -63,6 +63,14 @@ def test_decode_turns():
         assert e.value.reason == "corrupt_record" and "follow_ups" in str(e.value)
 
 
+def test_decode_objects():
+    assert records.decode_objects(b'[["circle","red",0.25,0.5,0.2]]') == [("circle", "red", 0.25, 0.5, 0.2)]
+    for value in [b"[[", b'[["circle","red",0.2]]', b'[["circle","red",1.5,0.5,0.2]]', b'[[1,"red",0.2,0.5,0.2]]']:
+        with pytest.raises(records.BadRecord) as e:
+            records.decode_objects(value)
+        assert e.value.reason == "corrupt_record" and "objects" in str(e.value)
+
+
 def test_check_codes():
     codes = records.check_codes(np.arange(16).reshape(4, 4), "codes", num_codes=16, codebook_size=16)
     assert codes.dtype == np.int32 and codes.shape == (16,)

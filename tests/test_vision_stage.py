@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from star_jax import objectives
 
@@ -32,3 +33,31 @@ def test_caption_words_metrics_count_row_word_pairs():
     assert float(m["word_recall"]) == 3 / 4 and float(m["word_precision"]) == 3 / 4
     assert float(m["word_set_exact"]) == 0.5
     np.testing.assert_allclose(loss, optax.sigmoid_binary_cross_entropy(logits, labels).sum(-1).mean(), rtol=1e-6)
+
+
+class _FixedCells:
+    def __init__(self, shape_logits, color_logits):
+        self.logits = jnp.asarray(shape_logits, jnp.float32), jnp.asarray(color_logits, jnp.float32)
+
+    def cell_logits(self, batch, vit_layout=None):
+        return self.logits
+
+
+def test_scene_cells_loss_is_two_cross_entropies_and_scores_occupied_cells():
+    rng = np.random.default_rng(0)
+    shape_logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    color_logits = rng.normal(size=(2, 4, 11)).astype(np.float32)
+    cell_shape = np.array([[0, 2, 0, 5], [1, 0, 0, 0]], np.int32)
+    cell_color = np.array([[0, 3, 0, 10], [7, 0, 0, 0]], np.int32)
+    # Make exactly: row 0 right everywhere; row 1 right except its object's colour.
+    for b in range(2):
+        for n in range(4):
+            shape_logits[b, n, cell_shape[b, n]] += 20
+            color_logits[b, n, cell_color[b, n] if (b, n) != (1, 0) else 2] += 20
+    batch = {"cell_shape": cell_shape, "cell_color": cell_color}
+    loss, m = objectives.scene_cells_loss(_FixedCells(shape_logits, color_logits), batch, None, 0)
+    expected = optax.softmax_cross_entropy_with_integer_labels(shape_logits, cell_shape).mean()
+    expected += optax.softmax_cross_entropy_with_integer_labels(color_logits, cell_color).mean()
+    np.testing.assert_allclose(loss, expected, rtol=1e-5)
+    assert float(m["cell_shape_accuracy"]) == 1.0 and float(m["cell_color_accuracy"]) == pytest.approx(2 / 3)
+    assert float(m["scene_exact"]) == 0.5

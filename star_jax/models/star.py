@@ -10,6 +10,8 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   image_head/...    Linear(D -> codebook size) with bias
   word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
                     classifier on mean-pooled ViT tokens (trained there, never used after it)
+  cell_head/...     Linear(ViT out width -> shapes + colours + 2) with bias: the `vision` stage's
+                    per-token scene classifier (data.vision_labels='scene_cells'; shapes world only)
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -28,7 +30,10 @@ from flax import nnx
 
 from star_jax import layers
 from star_jax.models import qwen2
+from star_jax.shapes import scene as shapes_scene
 
+# Classes of the `cell_head` (without "none"): the shapes world's vocabulary.
+CELL_SHAPES, CELL_COLORS = len(shapes_scene.SHAPES), len(shapes_scene.COLORS)
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
 STAGE_COMPONENTS = {
     "vq": ("vq", "discriminator"),
@@ -111,7 +116,7 @@ class Star(nnx.Module):
         components: tuple[str, ...] = ALL_COMPONENTS,
         rngs: nnx.Rngs,
     ):
-        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head"}
+        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head", "cell_head"}
         if unknown:
             raise ValueError(f"unknown STAR components {sorted(unknown)}; known: {ALL_COMPONENTS}")
         self.components = tuple(components)
@@ -124,6 +129,17 @@ class Star(nnx.Module):
 
             self.vision = vision.VisionTower(vision_cfg, rngs=rngs)
             self.vision_cfg = vision_cfg
+        if "cell_head" in components:  # the vision stage's per-token scene classifier
+            self.cell_head = layers.Dense(
+                vision_cfg.out_hidden_size,
+                CELL_SHAPES + CELL_COLORS + 2,
+                ("embed", None),
+                use_bias=True,
+                dtype=dt,
+                param_dtype=pdt,
+                kernel_init=nnx.initializers.zeros,
+                rngs=rngs,
+            )
         if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
             self.word_head = layers.Dense(
                 vision_cfg.out_hidden_size,
@@ -211,6 +227,12 @@ class Star(nnx.Module):
         pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
         return self.word_head(pooled).astype(jnp.float32)
 
+    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array]:
+        """Vision stage (`scene_cells`): per merged ViT token, logits of the shape [B, N, S + 1] and
+        colour [B, N, C + 1] float32 of the object centred in its cell (class 0 = none)."""
+        logits = self.cell_head(self.vit_embeds(batch["pixels"], vit_layout)).astype(jnp.float32)
+        return logits[..., : CELL_SHAPES + 1], logits[..., CELL_SHAPES + 1 :]
+
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
         x = self.embed_prompt(batch, vit_layout)
@@ -245,6 +267,8 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
     decoder_cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
     star_cfg = StarConfig.from_dict(config.model.star)
     components = STAGE_COMPONENTS[stage or config.stage]
+    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") == "scene_cells":
+        components = ("vision", "cell_head")
     if "discriminator" in components and not config.get("vq_loss", {}).get("disc_weight", 0.0):
         components = tuple(c for c in components if c != "discriminator")  # no GAN term: no PatchGAN params
     vision_cfg = vq_cfg = None
