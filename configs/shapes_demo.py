@@ -24,7 +24,10 @@ editing) against 0.167 (0.250).
 
 `base` trains only the base, longer (issue 5's understanding target): the vision stage for 3,000
 steps at a constant 3e-3, then understanding from its tower for `und_steps` (default 1,200) cosine
-steps, and reports QA on 192 validation questions against the control.
+steps, and reports QA on 192 validation questions against the control. Its vision stage trains on
+scene cells (`data.vision_labels`): each merged ViT token names the shape and colour of the object
+centred in its cell. The bag of caption words taught the tower colour but hardly shape (README), and
+every question names its objects by shape.
 
 `joint` is the ablation of STAR's central claim: the generation and editing stages also train the
 base (decoder + ViT) instead of freezing it; its report shows what that does to understanding.
@@ -106,6 +109,7 @@ def get_config(arg=None):
         config.stage_overrides.understanding.train.init_from = ("vision",)
     if arg.base:
         config.pipeline.stages = ("vision", "understanding")
+        config.data.vision_labels = "scene_cells"
         config.pipeline.eval.qa = 192
         config.stage_overrides.vision.train.update(num_steps=3000, schedule="constant")
         config.stage_overrides.understanding.train.num_steps = arg.und_steps
