@@ -74,7 +74,7 @@ def get_config(arg=None):
     config.data = ml_collections.ConfigDict()
     config.data.source = "shapes"  # shapes | arrayrecord
     config.data.path = ""  # ArrayRecord directory when source = arrayrecord
-    config.data.tokenizer = "builtin"  # builtin (shapes world) | path to a Hugging Face tokenizer.json
+    config.data.tokenizer = "builtin"  # builtin | builtin-stems (shapes world) | a Hugging Face tokenizer.json
     config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
     config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)

@@ -36,16 +36,28 @@ def test_chat_template_is_qwens():
     assert ids[14:20] == TOK.encode("a photo of a red circle")
 
 
+@pytest.mark.parametrize("stems", [False, True])
 @pytest.mark.parametrize("split", ["train", "validation", "heldout"])
-def test_every_shapes_text_tokenizes(split):
+def test_every_shapes_text_tokenizes(split, stems):
+    tok = BuiltinTokenizer(stems=stems)
     for i in range(150):
         pair, qa, edit = (make_example(split, i, kind, resolution=8) for kind in ("pair", "qa", "edit"))
         for text in (pair["caption"], qa["question"], qa["answer"], edit["instruction"]):
-            ids = TOK.encode(text, strict=True)
-            assert TOK.decode(ids) == text
-            assert TOK.unk_id not in ids
-        prompt = chat.generation_ids(TOK, pair["caption"])
+            ids = tok.encode(text, strict=True)
+            assert tok.decode(ids) == text
+            assert tok.unk_id not in ids
+        prompt = chat.generation_ids(tok, pair["caption"])
         assert len(prompt) <= 64  # config.data.max_prompt_len
+
+
+def test_stems_share_the_singulars_token():
+    tok = load_tokenizer("builtin-stems")
+    assert [tok.tokens[i] for i in tok.encode("how many crosses and triangles?")] == [
+        "how", "many", "cross", "es", "and", "triangle", "s", "?"
+    ]  # fmt: skip
+    assert tok.encode("triangles")[0] == tok.encode("triangle")[0] and tok.vocab_size == TOK.vocab_size
+    assert TOK.encode("triangles") == [TOK.ids["triangles"]]  # the plain tokenizer is unchanged
+    assert tok.decode(tok.encode("two red crosses, one square.")) == "two red crosses, one square."
 
 
 def test_unknown_words():

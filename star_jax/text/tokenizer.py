@@ -50,17 +50,40 @@ WORDS: tuple[str, ...] = (
     "make", "change", "remove", "delete", "add", "move", "recolor", "replace", "put", "it", "into", "by",
     # instructions to the model
     "describe", "draw", "generate", "edit", "this", "that", "please", "count", "word",
+    # plural suffixes ("builtin-stems": triangles -> triangle + s)
+    "s", "es",
 )
 # fmt: on
+# Plural nouns that "builtin-stems" encodes as stem + suffix, so the plural shares the singular's
+# embedding (as a subword tokenizer's pieces would): the shapes, and the nouns questions count.
+STEMMED: dict[str, tuple[str, str]] = {
+    plural: (plural[: -len(suffix)], suffix)
+    for plural, suffix in (
+        ("circles", "s"),
+        ("squares", "s"),
+        ("triangles", "s"),
+        ("diamonds", "s"),
+        ("crosses", "es"),
+        ("stars", "s"),
+        ("hexagons", "s"),
+        ("shapes", "s"),
+        ("objects", "s"),
+        ("colors", "s"),
+    )
+}  # fmt: skip
 
 
 class BuiltinTokenizer:
     """Word-level tokenizer of the shapes world: Qwen specials first (ids 0-7), then `<unk>`, newline,
-    punctuation, digits (one token each) and WORDS; vocab_size < 512 (configs/sizes.py SHAPES_VOCAB)."""
+    punctuation, digits (one token each) and WORDS; vocab_size < 512 (configs/sizes.py SHAPES_VOCAB).
+
+    stems=True ("builtin-stems"): the plural nouns of STEMMED encode as their singular + a suffix
+    token ("triangles" -> "triangle", "s"), and decode glues the suffix back on."""
 
     _PATTERN = re.compile(r"<\|[a-z_]+\|>|\n|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]")
 
-    def __init__(self):
+    def __init__(self, stems: bool = False):
+        self.stems = stems
         self.tokens: list[str] = [*QWEN_SPECIALS, UNK, NEWLINE, *PUNCTUATION, *DIGITS, *WORDS]
         self.ids: dict[str, int] = {t: i for i, t in enumerate(self.tokens)}
         if len(self.ids) != len(self.tokens):
@@ -83,7 +106,10 @@ class BuiltinTokenizer:
 
     def split(self, text: str) -> list[str]:
         """The token strings of `text` (spaces and tabs separate words and are dropped)."""
-        return self._PATTERN.findall(text)
+        pieces = self._PATTERN.findall(text)
+        if not self.stems:
+            return pieces
+        return [part for piece in pieces for part in STEMMED.get(piece, (piece,))]
 
     def unknown_words(self, text: str) -> list[str]:
         """Pieces of `text` that would encode to `<unk>`."""
@@ -115,6 +141,7 @@ class BuiltinTokenizer:
                 or prev == "("
                 or (tok in PUNCTUATION and tok != "(")
                 or (tok in DIGITS and prev in DIGITS)
+                or (self.stems and tok in ("s", "es") and prev in WORDS)
             )
             out.append(tok if glued else " " + tok)
             prev = tok
@@ -160,5 +187,8 @@ class HFTokenizer:
 
 
 def load_tokenizer(name: str = "builtin"):
-    """'builtin' -> BuiltinTokenizer; a tokenizer.json (or a directory holding one) -> HFTokenizer."""
-    return BuiltinTokenizer() if name == "builtin" else HFTokenizer(name)
+    """'builtin' / 'builtin-stems' -> BuiltinTokenizer (stems=False / True); a tokenizer.json (or a
+    directory holding one) -> HFTokenizer."""
+    if name in ("builtin", "builtin-stems"):
+        return BuiltinTokenizer(stems=name == "builtin-stems")
+    return HFTokenizer(name)
