@@ -88,7 +88,8 @@ def get_config(arg=None):
     # ("single_object", "colors") for one object per image); () = every tag.
     config.data.pair_tags = ()
     # Vision stage labels: caption_words (which words the caption holds; any image-caption data) |
-    # scene_cells (each ViT token's object shape and colour; the procedural shapes world only).
+    # scene_cells (each ViT token's object shape and colour; the procedural shapes world only) |
+    # scene_cover (as scene_cells, and every token an object paints >= 10 % of names it too).
     config.data.vision_labels = "caption_words"
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0

@@ -131,9 +131,9 @@ def validate(config, num_devices: int | None = None) -> None:
             f"multi-question chats come from the shapes world, not source={config.data.source!r}",
         )
     labels = config.get("data", {}).get("vision_labels", "caption_words")
-    if labels not in ("caption_words", "scene_cells"):
-        _fail("data.vision_labels", labels, "not one of ('caption_words', 'scene_cells')")
-    if labels == "scene_cells" and config.data.source != "shapes":
+    if labels not in ("caption_words", "scene_cells", "scene_cover"):
+        _fail("data.vision_labels", labels, "not one of ('caption_words', 'scene_cells', 'scene_cover')")
+    if labels != "caption_words" and config.data.source != "shapes":
         _fail(
             "data.vision_labels", labels, f"scene cells come from the shapes world, not source={config.data.source!r}"
         )

@@ -20,7 +20,7 @@ N = VQ codes per image, P = ViT patches per image):
   vq             images [B, H, W, 3] float32 in [-1, 1]
   vision         pixels [B, P, patch_dim] float32 and, by `config.data.vision_labels`:
                  caption_words [B, V] float32 (1 where vocabulary word v is a token of the image's
-                 caption, else 0; V = model.decoder.vocab_size), or scene_cells: cell_shape,
+                 caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
                  cell_color [B, G * G] int32 (shapes world; see `scene_cell_labels`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
@@ -151,27 +151,48 @@ class Skipped:
     detail: str
 
 
-def scene_cell_labels(objects, grid: int) -> tuple[np.ndarray, np.ndarray]:
-    """Dense labels of the vision stage's `scene_cells` objective, one per merged ViT token.
+SCENE_LABELS = ("scene_cells", "scene_cover")  # the vision_labels that classify each ViT token
+COVER_FRACTION = 0.1  # scene_cover: least fraction of a cell an object must paint to label it
+_COVER_SAMPLES = 8  # scene_cover: sample points per cell side
+
+
+def scene_cell_labels(objects, grid: int, *, cover: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Dense labels of the vision stage's scene objectives, one per merged ViT token.
 
     objects: [[shape, colour, x, y, size], ...] (a shapes-world scene; centres as fractions of the
     image side); grid: merged tokens per side (G). Returns (shape, colour) [G * G] int32 in the
     merged tokens' raster order: 1 + the index in shapes.SHAPES / shapes.COLORS of the object whose
     centre lies in the cell, 0 where none does. Two centres in one cell (rare: boxes keep a margin)
     label it with the larger object, so every label names a visible object.
+    cover=True (vision_labels='scene_cover') also labels every other cell the object paints at least
+    COVER_FRACTION of (8 x 8 sample points per cell; the object painting most of it wins), so every
+    token an object covers names its shape, as every covered token shows its colour.
     """
     from star_jax.shapes import scene as scene_lib
+    from star_jax.shapes.render import shape_mask
 
     colors = list(scene_lib.COLORS)
     shape_label, color_label = np.zeros(grid * grid, np.int32), np.zeros(grid * grid, np.int32)
     size_of = np.zeros(grid * grid)
-    for shape, color, x, y, size in objects:
+    coverage = np.zeros((len(objects), grid * grid))
+    points = (np.arange(grid * _COVER_SAMPLES) + 0.5) / (grid * _COVER_SAMPLES)
+    for k, (shape, color, x, y, size) in enumerate(objects):
+        shape_id = 1 + scene_lib.SHAPES.index(scene_lib.check_shape(shape, "objects"))
+        color_id = 1 + colors.index(scene_lib.check_color(color, "objects"))
         row, col = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
         cell = row * grid + col
         if size > size_of[cell]:
-            shape_label[cell] = 1 + scene_lib.SHAPES.index(scene_lib.check_shape(shape, "objects"))
-            color_label[cell] = 1 + colors.index(scene_lib.check_color(color, "objects"))
-            size_of[cell] = size
+            shape_label[cell], color_label[cell], size_of[cell] = shape_id, color_id, size
+        if cover:
+            inside = shape_mask(shape, (points[None, :] - x) / (size / 2), (points[:, None] - y) / (size / 2))
+            s = _COVER_SAMPLES
+            coverage[k] = inside.reshape(grid, s, grid, s).mean(axis=(1, 3)).reshape(-1)
+    if cover and len(objects):
+        best = coverage.argmax(0)
+        for cell in np.flatnonzero((size_of == 0) & (coverage.max(0) >= COVER_FRACTION)):
+            shape, color = objects[best[cell]][:2]
+            shape_label[cell] = 1 + scene_lib.SHAPES.index(shape)
+            color_label[cell] = 1 + colors.index(color)
     return shape_label, color_label
 
 
@@ -234,7 +255,9 @@ class ShapesSource:
                 "image": ex["image"],
                 "caption": ex["caption"],
                 "metadata": records.json_dumps(ex["metadata"]),
-                "objects": records.json_dumps(objects),  # the scene itself (vision_labels='scene_cells')
+                "objects": records.json_dumps(
+                    objects
+                ),  # the scene itself (vision_labels='scene_cells' / 'scene_cover')
             }
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
 
@@ -364,10 +387,11 @@ class PrepareExample:
             return {"images": records.to_unit_range(image)}
         if s.stage == "vision":
             out = {"pixels": self._pixels(self._image(record, "image"))}
-            if s.vision_labels == "scene_cells":
+            if s.vision_labels in SCENE_LABELS:
                 objects = records.decode_objects(records.field(record, "objects"))
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
-                out["cell_shape"], out["cell_color"] = scene_cell_labels(objects, grid)
+                cover = s.vision_labels == "scene_cover"
+                out["cell_shape"], out["cell_color"] = scene_cell_labels(objects, grid, cover=cover)
             else:
                 out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)
             return out

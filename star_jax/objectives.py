@@ -1,7 +1,7 @@
 """Per-stage losses. Each objective is `(model, batch, rng, step) -> (loss f32, metrics dict)`.
 
   vision          sigmoid CE of the ViT's caption-word classifier (which words the caption holds),
-                  or (data.vision_labels='scene_cells') CE of each ViT token's shape and colour
+                  or (data.vision_labels='scene_cells' | 'scene_cover') CE of each ViT token's shape and colour
   understanding   next-token CE of the base on text targets (answer / caption tokens)
   generation      CE over the codebook on the image tokens after <|vision_start|>
   editing         the same CE, with the source image as VQ block + ViT block in the prompt

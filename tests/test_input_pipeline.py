@@ -103,8 +103,35 @@ def test_scene_cell_labels_mark_each_objects_centre_cell():
         input_pipeline.scene_cell_labels([["hexagon", "red", 0.5, 0.5, 0.2]], 4)
 
 
-def test_vision_batch_on_scene_cells_labels_every_merged_token():
-    config = make_config("vision", vision_labels="scene_cells")
+def test_scene_cover_labels_every_cell_an_object_paints_from_the_render():
+    objects = [
+        ["circle", "red", 0.2, 0.2, 0.3],
+        ["cross", "white", 0.75, 0.3, 0.28],
+        ["triangle", "green", 0.3, 0.75, 0.25],
+        ["diamond", "blue", 0.72, 0.78, 0.2],
+    ]
+    grid = 4
+    centre_shape, _ = input_pipeline.scene_cell_labels(objects, grid)
+    shape, color = input_pipeline.scene_cell_labels(objects, grid, cover=True)
+    # Reference: the rendered image at 8 pixels per cell (the labels' sample points), cell by cell.
+    scene = shapes.Scene(tuple(shapes.Obj(*o) for o in objects))
+    image = shapes.render(scene, grid * 8).reshape(grid, 8, grid, 8, 3).transpose(0, 2, 1, 3, 4)
+    for cell in range(grid * grid):
+        pixels = image[cell // grid, cell % grid].reshape(-1, 3)
+        painted = [(np.all(pixels == shapes.COLORS[c], axis=-1).mean(), s, c) for s, c, *_ in objects]
+        fraction, s, c = max(painted)
+        if centre_shape[cell]:
+            assert shape[cell] == centre_shape[cell]
+        elif fraction >= input_pipeline.COVER_FRACTION:
+            assert (shape[cell], color[cell]) == (1 + shapes.SHAPES.index(s), 1 + list(shapes.COLORS).index(c))
+        else:
+            assert shape[cell] == color[cell] == 0
+    assert (shape > 0).sum() > (centre_shape > 0).sum() == 4
+
+
+@pytest.mark.parametrize("labels", ["scene_cells", "scene_cover"])
+def test_vision_batch_on_scene_cells_labels_every_merged_token(labels):
+    config = make_config("vision", vision_labels=labels)
     batch = next(input_pipeline.make_iterator(config, split="validation"))  # row i = index i
     grid = config.data.vit_image_size // (14 * 2)
     assert sorted(batch) == ["cell_color", "cell_shape", "pixels"]
@@ -112,10 +139,10 @@ def test_vision_batch_on_scene_cells_labels_every_merged_token():
     for i in range(4):
         scene = shapes.make_example("validation", i, "pair", resolution=config.data.vit_image_size)["scene"]
         objects = [[o.shape, o.color, o.x, o.y, o.size] for o in scene.objects]
-        shape, color = input_pipeline.scene_cell_labels(objects, grid)
+        shape, color = input_pipeline.scene_cell_labels(objects, grid, cover=labels == "scene_cover")
         np.testing.assert_array_equal(batch["cell_shape"][i], shape)
         np.testing.assert_array_equal(batch["cell_color"][i], color)
-        assert 1 <= (shape > 0).sum() <= len(objects)
+        assert (shape > 0).sum() >= 1 and ((shape > 0).sum() <= len(objects) or labels == "scene_cover")
 
 
 def test_pair_tags_select_shapes_world_pairs():
@@ -164,7 +191,12 @@ def test_caption_fraction_is_validated(value, source, message):
 
 
 @pytest.mark.parametrize(
-    "value, source, message", [("boxes", "shapes", "not one of"), ("scene_cells", "arrayrecord", "shapes world")]
+    "value, source, message",
+    [
+        ("boxes", "shapes", "not one of"),
+        ("scene_cells", "arrayrecord", "shapes world"),
+        ("scene_cover", "arrayrecord", "shapes world"),
+    ],
 )
 def test_vision_labels_are_validated(value, source, message):
     from star_jax.configs import validation

@@ -11,7 +11,7 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
                     classifier on mean-pooled ViT tokens (trained there, never used after it)
   cell_head/...     Linear(ViT out width -> shapes + colours + 2) with bias: the `vision` stage's
-                    per-token scene classifier (data.vision_labels='scene_cells'; shapes world only)
+                    per-token scene classifier (data.vision_labels='scene_cells' | 'scene_cover'; shapes world)
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -267,7 +267,10 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
     decoder_cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
     star_cfg = StarConfig.from_dict(config.model.star)
     components = STAGE_COMPONENTS[stage or config.stage]
-    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") == "scene_cells":
+    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") in (
+        "scene_cells",
+        "scene_cover",
+    ):
         components = ("vision", "cell_head")
     if "discriminator" in components and not config.get("vq_loss", {}).get("disc_weight", 0.0):
         components = tuple(c for c in components if c != "discriminator")  # no GAN term: no PatchGAN params
