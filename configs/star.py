@@ -91,6 +91,9 @@ def get_config(arg=None):
     # scene_cells (each ViT token's object shape and colour; the procedural shapes world only) |
     # scene_cover (as scene_cells, and every token an object paints >= 10 % of names it too).
     config.data.vision_labels = "caption_words"
+    # With scene labels: each labelled token also regresses its object's centre (x, y), so the
+    # tower's features say where an object is (the relations of position questions).
+    config.data.scene_centres = False
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -137,6 +137,8 @@ def validate(config, num_devices: int | None = None) -> None:
         _fail(
             "data.vision_labels", labels, f"scene cells come from the shapes world, not source={config.data.source!r}"
         )
+    if config.get("data", {}).get("scene_centres", False) and labels == "caption_words":
+        _fail("data.scene_centres", True, "needs scene labels (data.vision_labels='scene_cells' or 'scene_cover')")
     tags = tuple(config.get("data", {}).get("pair_tags", ()))
     if tags:
         from star_jax.shapes import splits

@@ -21,7 +21,8 @@ N = VQ codes per image, P = ViT patches per image):
   vision         pixels [B, P, patch_dim] float32 and, by `config.data.vision_labels`:
                  caption_words [B, V] float32 (1 where vocabulary word v is a token of the image's
                  caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
-                 cell_color [B, G * G] int32 (shapes world; see `scene_cell_labels`)
+                 cell_color [B, G * G] int32 (shapes world; see `scene_cell_labels`), + cell_centre
+                 [B, G * G, 2] float32 with data.scene_centres (`scene_cell_centres`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -87,6 +88,7 @@ class ExampleSpec:
     min_image_size: int
     max_aspect_ratio: float
     vision_labels: str = "caption_words"
+    scene_centres: bool = False
 
     @classmethod
     def from_config(cls, config) -> ExampleSpec:
@@ -113,6 +115,7 @@ class ExampleSpec:
             min_image_size=data.min_image_size,
             max_aspect_ratio=data.max_aspect_ratio,
             vision_labels=data.get("vision_labels", "caption_words"),
+            scene_centres=bool(data.get("scene_centres", False)),
         )
 
     @property
@@ -156,44 +159,63 @@ COVER_FRACTION = 0.1  # scene_cover: least fraction of a cell an object must pai
 _COVER_SAMPLES = 8  # scene_cover: sample points per cell side
 
 
-def scene_cell_labels(objects, grid: int, *, cover: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Dense labels of the vision stage's scene objectives, one per merged ViT token.
+def scene_cell_objects(objects, grid: int, *, cover: bool = False) -> np.ndarray:
+    """Which object labels each merged ViT token in the vision stage's scene objectives.
 
     objects: [[shape, colour, x, y, size], ...] (a shapes-world scene; centres as fractions of the
-    image side); grid: merged tokens per side (G). Returns (shape, colour) [G * G] int32 in the
-    merged tokens' raster order: 1 + the index in shapes.SHAPES / shapes.COLORS of the object whose
-    centre lies in the cell, 0 where none does. Two centres in one cell (rare: boxes keep a margin)
-    label it with the larger object, so every label names a visible object.
-    cover=True (vision_labels='scene_cover') also labels every other cell the object paints at least
-    COVER_FRACTION of (8 x 8 sample points per cell; the object painting most of it wins), so every
-    token an object covers names its shape, as every covered token shows its colour.
+    image side); grid: merged tokens per side (G). Returns [G * G] int32 in the merged tokens'
+    raster order: the index in `objects` of the object whose centre lies in the cell, -1 where none
+    does. Two centres in one cell (rare: boxes keep a margin) give it the larger object.
+    cover=True (vision_labels='scene_cover') also gives every other cell to the object that paints
+    most of it, when that is at least COVER_FRACTION (8 x 8 sample points per cell), so every token
+    an object covers names its shape, as every covered token shows its colour.
     """
     from star_jax.shapes import scene as scene_lib
     from star_jax.shapes.render import shape_mask
 
-    colors = list(scene_lib.COLORS)
-    shape_label, color_label = np.zeros(grid * grid, np.int32), np.zeros(grid * grid, np.int32)
+    owner = np.full(grid * grid, -1, np.int32)
     size_of = np.zeros(grid * grid)
     coverage = np.zeros((len(objects), grid * grid))
     points = (np.arange(grid * _COVER_SAMPLES) + 0.5) / (grid * _COVER_SAMPLES)
     for k, (shape, color, x, y, size) in enumerate(objects):
-        shape_id = 1 + scene_lib.SHAPES.index(scene_lib.check_shape(shape, "objects"))
-        color_id = 1 + colors.index(scene_lib.check_color(color, "objects"))
+        scene_lib.check_shape(shape, "objects"), scene_lib.check_color(color, "objects")
         row, col = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
         cell = row * grid + col
         if size > size_of[cell]:
-            shape_label[cell], color_label[cell], size_of[cell] = shape_id, color_id, size
+            owner[cell], size_of[cell] = k, size
         if cover:
-            inside = shape_mask(shape, (points[None, :] - x) / (size / 2), (points[:, None] - y) / (size / 2))
+            half = size / 2
+            inside = shape_mask(shape, (points[None, :] - x) / half, (points[:, None] - y) / half)
             s = _COVER_SAMPLES
             coverage[k] = inside.reshape(grid, s, grid, s).mean(axis=(1, 3)).reshape(-1)
     if cover and len(objects):
-        best = coverage.argmax(0)
-        for cell in np.flatnonzero((size_of == 0) & (coverage.max(0) >= COVER_FRACTION)):
-            shape, color = objects[best[cell]][:2]
-            shape_label[cell] = 1 + scene_lib.SHAPES.index(shape)
-            color_label[cell] = 1 + colors.index(color)
-    return shape_label, color_label
+        free = (owner < 0) & (coverage.max(0) >= COVER_FRACTION)
+        owner[free] = coverage.argmax(0)[free]
+    return owner
+
+
+def scene_cell_labels(objects, grid: int, *, cover: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Dense labels of the vision stage's scene objectives, one per merged ViT token.
+
+    Returns (shape, colour) [G * G] int32: 1 + the index in shapes.SHAPES / shapes.COLORS of the
+    object `scene_cell_objects(objects, grid, cover=cover)` gives the cell, 0 where none.
+    """
+    from star_jax.shapes import scene as scene_lib
+
+    owner = scene_cell_objects(objects, grid, cover=cover)
+    shape_ids = [1 + scene_lib.SHAPES.index(o[0]) for o in objects]
+    color_ids = [1 + list(scene_lib.COLORS).index(o[1]) for o in objects]
+    shape = np.where(owner >= 0, np.take(shape_ids + [0], owner), 0).astype(np.int32)
+    color = np.where(owner >= 0, np.take(color_ids + [0], owner), 0).astype(np.int32)
+    return shape, color
+
+
+def scene_cell_centres(objects, grid: int, *, cover: bool = False) -> np.ndarray:
+    """[G * G, 2] float32: the centre (x, y) in merged-grid cells of the object labelling each cell
+    (`scene_cell_objects`), 0 where none (the vision stage's `data.scene_centres` targets)."""
+    owner = scene_cell_objects(objects, grid, cover=cover)
+    centres = np.array([[o[2] * grid, o[3] * grid] for o in objects] + [[0.0, 0.0]], np.float32)
+    return np.where(owner[:, None] >= 0, centres[owner], 0.0).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,6 +414,8 @@ class PrepareExample:
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
                 cover = s.vision_labels == "scene_cover"
                 out["cell_shape"], out["cell_color"] = scene_cell_labels(objects, grid, cover=cover)
+                if s.scene_centres:
+                    out["cell_centre"] = scene_cell_centres(objects, grid, cover=cover)
             else:
                 out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)
             return out

@@ -79,22 +79,30 @@ def caption_words_loss(model, batch, rng, step, *, vit_layout=None):
 
 def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
     """Vision stage on the shapes world: per merged ViT token, CE of the shape and of the colour of
-    the object centred in its cell (0 = none), summed and averaged over tokens.
+    the object labelling its cell (0 = none), summed and averaged over tokens; with `cell_centre`
+    [B, N, 2] in the batch (data.scene_centres), + the squared error of that object's centre (in
+    cells), averaged over the labelled cells.
 
-    Metrics: shape / colour accuracy over the cells that hold an object's centre, and the fraction
-    of images whose every cell (empty or not) is labelled right."""
-    shape_logits, color_logits = model.cell_logits(batch, vit_layout)
+    Metrics: shape / colour accuracy over the labelled cells, the fraction of images whose every
+    cell (empty or not) is labelled right, and the centre's mean absolute error (cells)."""
+    shape_logits, color_logits, centre = model.cell_logits(batch, vit_layout)
     shape_loss, _, _ = cross_entropy(shape_logits, batch["cell_shape"])
     color_loss, _, _ = cross_entropy(color_logits, batch["cell_color"])
     occupied = batch["cell_shape"] > 0
     shape_ok = jnp.argmax(shape_logits, -1) == batch["cell_shape"]
     color_ok = jnp.argmax(color_logits, -1) == batch["cell_color"]
     n = jnp.maximum(occupied.sum(), 1)
-    return shape_loss + color_loss, {
+    metrics = {
         "cell_shape_accuracy": jnp.sum(shape_ok & occupied) / n,
         "cell_color_accuracy": jnp.sum(color_ok & occupied) / n,
         "scene_exact": jnp.mean(jnp.all(shape_ok & color_ok, axis=-1).astype(jnp.float32)),
     }
+    loss = shape_loss + color_loss
+    if "cell_centre" in batch:
+        error = (centre - batch["cell_centre"]) * occupied[..., None]
+        loss = loss + jnp.sum(jnp.square(error)) / n
+        metrics["cell_centre_error"] = jnp.sum(jnp.abs(error)) / (2 * n)
+    return loss, metrics
 
 
 def understanding_loss(model, batch, rng, step, *, vit_layout=None):

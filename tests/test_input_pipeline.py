@@ -129,12 +129,27 @@ def test_scene_cover_labels_every_cell_an_object_paints_from_the_render():
     assert (shape > 0).sum() > (centre_shape > 0).sum() == 4
 
 
+def test_scene_cell_centres_give_each_labelled_cell_its_objects_centre():
+    objects = [["circle", "red", 0.2, 0.2, 0.3], ["cross", "white", 0.75, 0.3, 0.28]]
+    for cover in (False, True):
+        shape, _ = input_pipeline.scene_cell_labels(objects, 4, cover=cover)
+        owner = input_pipeline.scene_cell_objects(objects, 4, cover=cover)
+        centres = input_pipeline.scene_cell_centres(objects, 4, cover=cover)
+        assert centres.shape == (16, 2) and centres.dtype == np.float32
+        np.testing.assert_array_equal(owner >= 0, shape > 0)
+        for cell in range(16):
+            expected = [objects[owner[cell]][2] * 4, objects[owner[cell]][3] * 4] if owner[cell] >= 0 else [0, 0]
+            np.testing.assert_allclose(centres[cell], expected, rtol=1e-6)
+        assert sorted(set(owner) - {-1}) == [0, 1]
+
+
 @pytest.mark.parametrize("labels", ["scene_cells", "scene_cover"])
 def test_vision_batch_on_scene_cells_labels_every_merged_token(labels):
-    config = make_config("vision", vision_labels=labels)
+    config = make_config("vision", vision_labels=labels, scene_centres=labels == "scene_cover")
     batch = next(input_pipeline.make_iterator(config, split="validation"))  # row i = index i
     grid = config.data.vit_image_size // (14 * 2)
-    assert sorted(batch) == ["cell_color", "cell_shape", "pixels"]
+    centres = ["cell_centre"] if labels == "scene_cover" else []
+    assert sorted(batch) == sorted(["cell_color", "cell_shape", "pixels"] + centres)
     assert batch["cell_shape"].shape == batch["cell_color"].shape == (4, grid * grid)
     for i in range(4):
         scene = shapes.make_example("validation", i, "pair", resolution=config.data.vit_image_size)["scene"]
@@ -142,6 +157,10 @@ def test_vision_batch_on_scene_cells_labels_every_merged_token(labels):
         shape, color = input_pipeline.scene_cell_labels(objects, grid, cover=labels == "scene_cover")
         np.testing.assert_array_equal(batch["cell_shape"][i], shape)
         np.testing.assert_array_equal(batch["cell_color"][i], color)
+        if centres:
+            np.testing.assert_array_equal(
+                batch["cell_centre"][i], input_pipeline.scene_cell_centres(objects, grid, cover=True)
+            )
         assert (shape > 0).sum() >= 1 and ((shape > 0).sum() <= len(objects) or labels == "scene_cover")
 
 
@@ -415,3 +434,11 @@ def test_restore_with_two_workers_and_bad_records(tmp_path):
     resumed.close()
     assert_batches_equal(got, expected)
     assert resumed.stats() == stats
+
+
+def test_scene_centres_need_scene_labels():
+    from star_jax.configs import validation
+
+    config = make_config("vision", scene_centres=True)
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.scene_centres=.*scene labels"):
+        validation.validate(config)

@@ -36,8 +36,9 @@ def test_caption_words_metrics_count_row_word_pairs():
 
 
 class _FixedCells:
-    def __init__(self, shape_logits, color_logits):
-        self.logits = jnp.asarray(shape_logits, jnp.float32), jnp.asarray(color_logits, jnp.float32)
+    def __init__(self, shape_logits, color_logits, centre=None):
+        centre = np.zeros(shape_logits.shape[:2] + (2,)) if centre is None else centre
+        self.logits = tuple(jnp.asarray(x, jnp.float32) for x in (shape_logits, color_logits, centre))
 
     def cell_logits(self, batch, vit_layout=None):
         return self.logits
@@ -61,3 +62,21 @@ def test_scene_cells_loss_is_two_cross_entropies_and_scores_occupied_cells():
     np.testing.assert_allclose(loss, expected, rtol=1e-5)
     assert float(m["cell_shape_accuracy"]) == 1.0 and float(m["cell_color_accuracy"]) == pytest.approx(2 / 3)
     assert float(m["scene_exact"]) == 0.5
+
+
+def test_scene_cells_loss_adds_the_centre_error_of_labelled_cells():
+    rng = np.random.default_rng(1)
+    shape_logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    color_logits = rng.normal(size=(2, 4, 11)).astype(np.float32)
+    centre = rng.normal(size=(2, 4, 2)).astype(np.float32)
+    cell_shape = np.array([[0, 2, 0, 5], [1, 0, 0, 0]], np.int32)
+    cell_color = np.array([[0, 3, 0, 10], [7, 0, 0, 0]], np.int32)
+    cell_centre = rng.uniform(0, 4, size=(2, 4, 2)).astype(np.float32) * (cell_shape > 0)[..., None]
+    model = _FixedCells(shape_logits, color_logits, centre)
+    batch = {"cell_shape": cell_shape, "cell_color": cell_color}
+    base, _ = objectives.scene_cells_loss(model, batch, None, 0)
+    loss, m = objectives.scene_cells_loss(model, {**batch, "cell_centre": cell_centre}, None, 0)
+    labelled = cell_shape > 0  # 3 cells; empty cells' predictions carry no loss
+    diff = (centre - cell_centre)[labelled]
+    np.testing.assert_allclose(loss - base, np.square(diff).sum() / 3, rtol=1e-5)
+    np.testing.assert_allclose(m["cell_centre_error"], np.abs(diff).mean(), rtol=1e-5)

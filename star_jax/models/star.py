@@ -10,8 +10,9 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   image_head/...    Linear(D -> codebook size) with bias
   word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
                     classifier on mean-pooled ViT tokens (trained there, never used after it)
-  cell_head/...     Linear(ViT out width -> shapes + colours + 2) with bias: the `vision` stage's
-                    per-token scene classifier (data.vision_labels='scene_cells' | 'scene_cover'; shapes world)
+  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2) with bias: the `vision` stage's
+                    per-token scene classifier and centre regressor (data.vision_labels='scene_cells' |
+                    'scene_cover'; shapes world)
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -132,7 +133,7 @@ class Star(nnx.Module):
         if "cell_head" in components:  # the vision stage's per-token scene classifier
             self.cell_head = layers.Dense(
                 vision_cfg.out_hidden_size,
-                CELL_SHAPES + CELL_COLORS + 2,
+                CELL_SHAPES + CELL_COLORS + 4,  # + none, none, centre (x, y)
                 ("embed", None),
                 use_bias=True,
                 dtype=dt,
@@ -227,11 +228,13 @@ class Star(nnx.Module):
         pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
         return self.word_head(pooled).astype(jnp.float32)
 
-    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array]:
-        """Vision stage (`scene_cells`): per merged ViT token, logits of the shape [B, N, S + 1] and
-        colour [B, N, C + 1] float32 of the object centred in its cell (class 0 = none)."""
+    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Vision stage (scene labels): per merged ViT token, logits of the shape [B, N, S + 1] and
+        colour [B, N, C + 1] of the object labelling its cell (class 0 = none), and that object's
+        predicted centre [B, N, 2] (x, y in cells of the merged grid); all float32."""
         logits = self.cell_head(self.vit_embeds(batch["pixels"], vit_layout)).astype(jnp.float32)
-        return logits[..., : CELL_SHAPES + 1], logits[..., CELL_SHAPES + 1 :]
+        colors_end = CELL_SHAPES + CELL_COLORS + 2
+        return logits[..., : CELL_SHAPES + 1], logits[..., CELL_SHAPES + 1 : colors_end], logits[..., colors_end:]
 
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
