@@ -94,6 +94,9 @@ def get_config(arg=None):
     # With scene labels: each labelled token also regresses its object's centre (x, y), so the
     # tower's features say where an object is (the relations of position questions).
     config.data.scene_centres = False
+    # Shapes world, understanding stream: this fraction of its questions count an object that is in
+    # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
+    config.data.count_present_fraction = 0.0
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -112,15 +112,12 @@ def validate(config, num_devices: int | None = None) -> None:
         if config.train.batch_size % config.train.grad_accum:
             _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
         _validate_lr_mults(config.train.get("lr_mults", ()))
-    fraction = config.get("data", {}).get("caption_fraction", 0.0)
-    if not 0.0 <= fraction <= 1.0:
-        _fail("data.caption_fraction", fraction, "must be in [0, 1]")
-    if fraction and config.data.source != "shapes":
-        _fail(
-            "data.caption_fraction",
-            fraction,
-            f"captioning turns come from the shapes world, not source={config.data.source!r}",
-        )
+    for name, what in (("caption_fraction", "captioning turns"), ("count_present_fraction", "count questions")):
+        fraction = config.get("data", {}).get(name, 0.0)
+        if not 0.0 <= fraction <= 1.0:
+            _fail(f"data.{name}", fraction, "must be in [0, 1]")
+        if fraction and config.data.source != "shapes":
+            _fail(f"data.{name}", fraction, f"{what} come from the shapes world, not source={config.data.source!r}")
     per_image = config.get("data", {}).get("qa_per_image", 1)
     if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
         _fail("data.qa_per_image", per_image, "must be an integer >= 1")

@@ -230,6 +230,8 @@ class ShapesSource:
     Understanding records ('qa'): `caption_fraction` of them ask for the scene's free-form caption
     instead of one question; with `qa_per_image` > 1 each also carries `follow_ups`, that many - 1
     more questions about the same scene (JSON `[[question, answer], ...]`).
+    `count_present_fraction` of the QA records (not captions) instead count an object that is in
+    the scene (`captions.count_present_question`; the evaluation's questions are unchanged).
     Pairs: `pair_tags` restricts them to those tags (index i gets pair_tags[i % len]; empty = all).
     """
 
@@ -244,7 +246,9 @@ class ShapesSource:
         caption_fraction: float = 0.0,
         qa_per_image: int = 1,
         pair_tags: tuple[str, ...] = (),
+        count_present_fraction: float = 0.0,
     ):
+        self.count_present_fraction = count_present_fraction
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
         self.qa_per_image, self.pair_tags = qa_per_image, tuple(pair_tags)
@@ -263,6 +267,8 @@ class ShapesSource:
                 ex |= {"question": CAPTION_QUESTION, "answer": ex["caption"]}
             else:
                 ex = shapes.make_example(self.split, int(index), "qa", seed=self.seed, resolution=self.resolution)
+                if self.count_present_fraction:
+                    ex = self._maybe_count_present(index, ex)
             record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
             if self.qa_per_image > 1:
                 record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex))
@@ -300,6 +306,18 @@ class ShapesSource:
                 out.append([q, a])
         return out
 
+    def _maybe_count_present(self, index: int, ex: dict) -> dict:
+        """With probability `count_present_fraction` (a pure function of seed, split, index), the
+        example's question becomes a count of an object in its scene (`captions.count_present_question`)."""
+        from star_jax.shapes import captions
+        from star_jax.shapes.scene import SPLITS
+
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index), 0xC07])
+        if rng.random() >= self.count_present_fraction:
+            return ex
+        q, a, _ = captions.count_present_question(rng, ex["scene"], split=self.split)
+        return ex | {"question": q, "answer": a}
+
     def _is_caption(self, index: int) -> bool:
         """A pure function of (seed, split, index), like the examples themselves."""
         from star_jax.shapes.scene import SPLITS
@@ -325,6 +343,7 @@ def make_source(config, split: str, spec: ExampleSpec):
             caption_fraction=data.caption_fraction if understanding else 0.0,
             qa_per_image=data.get("qa_per_image", 1) if understanding else 1,
             pair_tags=tuple(data.get("pair_tags", ())) if spec.kind == "pairs" else (),
+            count_present_fraction=data.get("count_present_fraction", 0.0) if understanding else 0.0,
         )
         return source, None
     if data.source == "arrayrecord":

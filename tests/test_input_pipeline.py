@@ -442,3 +442,35 @@ def test_scene_centres_need_scene_labels():
     config = make_config("vision", scene_centres=True)
     with pytest.raises(validation.ConfigError, match=r"config\.data\.scene_centres=.*scene labels"):
         validation.validate(config)
+
+
+def test_count_present_fraction_asks_counts_of_objects_in_the_scene():
+    plain = input_pipeline.ShapesSource("train", "qa", 60, resolution=32)
+    source = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, count_present_fraction=0.5)
+    changed = 0
+    for i in range(60):
+        ex = shapes.make_example("train", i, "qa", resolution=32)
+        record, base = source[i], plain[i]
+        np.testing.assert_array_equal(record["image"], base["image"])
+        if (record["question"], record["answer"]) == (base["question"], base["answer"]):
+            continue
+        changed += 1
+        words = record["question"].split()  # how many [colour] <shape>s are there?
+        assert words[:2] == ["how", "many"] and words[-2:] == ["are", "there?"], record["question"]
+        color = words[2] if len(words) == 6 else None
+        shape = next(s for s in shapes.SHAPES if shapes.captions.make_plural(s) == words[-3])
+        n = sum(o.shape == shape and color in (None, o.color) for o in ex["scene"].objects)
+        assert n >= 1 and record["answer"] == shapes.captions.NUMBERS[n], (record, ex["scene"])
+    assert 15 <= changed <= 45
+    # A pure function of (seed, split, index): another source gives the same questions.
+    again = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, count_present_fraction=0.5)
+    assert [again[i]["question"] for i in range(60)] == [source[i]["question"] for i in range(60)]
+
+
+@pytest.mark.parametrize("value, source, message", [(1.5, "shapes", r"\[0, 1\]"), (0.5, "arrayrecord", "shapes world")])
+def test_count_present_fraction_is_validated(value, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("understanding", count_present_fraction=value, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.count_present_fraction=.*" + message):
+        validation.validate(config)
