@@ -21,8 +21,8 @@ N = VQ codes per image, P = ViT patches per image):
   vision         pixels [B, P, patch_dim] float32 and, by `config.data.vision_labels`:
                  caption_words [B, V] float32 (1 where vocabulary word v is a token of the image's
                  caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
-                 cell_color [B, G * G] int32 (shapes world; see `scene_cell_labels`), + cell_centre
-                 [B, G * G, 2] float32 with data.scene_centres (`scene_cell_centres`)
+                 cell_color [B, G * G] int32 (shapes world; see `scene_cell_targets`), + cell_centre
+                 [B, G * G, 2] float32 with data.scene_centres
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -154,7 +154,6 @@ class Skipped:
     detail: str
 
 
-SCENE_LABELS = ("scene_cells", "scene_cover")  # the vision_labels that classify each ViT token
 COVER_FRACTION = 0.1  # scene_cover: least fraction of a cell an object must paint to label it
 _COVER_SAMPLES = 8  # scene_cover: sample points per cell side
 
@@ -178,7 +177,8 @@ def scene_cell_objects(objects, grid: int, *, cover: bool = False) -> np.ndarray
     coverage = np.zeros((len(objects), grid * grid))
     points = (np.arange(grid * _COVER_SAMPLES) + 0.5) / (grid * _COVER_SAMPLES)
     for k, (shape, color, x, y, size) in enumerate(objects):
-        scene_lib.check_shape(shape, "objects"), scene_lib.check_color(color, "objects")
+        scene_lib.check_shape(shape, "objects")
+        scene_lib.check_color(color, "objects")
         row, col = (min(max(int(v * grid), 0), grid - 1) for v in (y, x))
         cell = row * grid + col
         if size > size_of[cell]:
@@ -194,28 +194,21 @@ def scene_cell_objects(objects, grid: int, *, cover: bool = False) -> np.ndarray
     return owner
 
 
-def scene_cell_labels(objects, grid: int, *, cover: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Dense labels of the vision stage's scene objectives, one per merged ViT token.
+def scene_cell_targets(objects, grid: int, *, cover: bool = False) -> dict[str, np.ndarray]:
+    """Dense targets of the vision stage's scene objectives, one per merged ViT token, from the
+    object `scene_cell_objects(objects, grid, cover=cover)` gives each cell.
 
-    Returns (shape, colour) [G * G] int32: 1 + the index in shapes.SHAPES / shapes.COLORS of the
-    object `scene_cell_objects(objects, grid, cover=cover)` gives the cell, 0 where none.
+    Returns cell_shape, cell_color [G * G] int32 (1 + the index in shapes.SHAPES / shapes.COLORS,
+    0 where no object) and cell_centre [G * G, 2] float32 (that object's centre (x, y) in cells of
+    the merged grid, 0 where none; the `data.scene_centres` targets).
     """
     from star_jax.shapes import scene as scene_lib
 
-    owner = scene_cell_objects(objects, grid, cover=cover)
-    shape_ids = [1 + scene_lib.SHAPES.index(o[0]) for o in objects]
-    color_ids = [1 + list(scene_lib.COLORS).index(o[1]) for o in objects]
-    shape = np.where(owner >= 0, np.take(shape_ids + [0], owner), 0).astype(np.int32)
-    color = np.where(owner >= 0, np.take(color_ids + [0], owner), 0).astype(np.int32)
-    return shape, color
-
-
-def scene_cell_centres(objects, grid: int, *, cover: bool = False) -> np.ndarray:
-    """[G * G, 2] float32: the centre (x, y) in merged-grid cells of the object labelling each cell
-    (`scene_cell_objects`), 0 where none (the vision stage's `data.scene_centres` targets)."""
-    owner = scene_cell_objects(objects, grid, cover=cover)
+    owner = scene_cell_objects(objects, grid, cover=cover)  # -1 picks each table's trailing "none"
+    shape_ids = np.array([1 + scene_lib.SHAPES.index(o[0]) for o in objects] + [0], np.int32)
+    color_ids = np.array([1 + list(scene_lib.COLORS).index(o[1]) for o in objects] + [0], np.int32)
     centres = np.array([[o[2] * grid, o[3] * grid] for o in objects] + [[0.0, 0.0]], np.float32)
-    return np.where(owner[:, None] >= 0, centres[owner], 0.0).astype(np.float32)
+    return {"cell_shape": shape_ids[owner], "cell_color": color_ids[owner], "cell_centre": centres[owner]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,9 +276,7 @@ class ShapesSource:
                 "image": ex["image"],
                 "caption": ex["caption"],
                 "metadata": records.json_dumps(ex["metadata"]),
-                "objects": records.json_dumps(
-                    objects
-                ),  # the scene itself (vision_labels='scene_cells' / 'scene_cover')
+                "objects": records.json_dumps(objects),  # the scene itself (scene vision_labels)
             }
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
 
@@ -428,13 +419,13 @@ class PrepareExample:
             return {"images": records.to_unit_range(image)}
         if s.stage == "vision":
             out = {"pixels": self._pixels(self._image(record, "image"))}
-            if s.vision_labels in SCENE_LABELS:
+            if s.vision_labels != "caption_words":  # scene_cells | scene_cover (validated)
                 objects = records.decode_objects(records.field(record, "objects"))
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
-                cover = s.vision_labels == "scene_cover"
-                out["cell_shape"], out["cell_color"] = scene_cell_labels(objects, grid, cover=cover)
-                if s.scene_centres:
-                    out["cell_centre"] = scene_cell_centres(objects, grid, cover=cover)
+                targets = scene_cell_targets(objects, grid, cover=s.vision_labels == "scene_cover")
+                if not s.scene_centres:
+                    del targets["cell_centre"]
+                out |= targets
             else:
                 out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)
             return out

@@ -86,7 +86,7 @@ def objective(config, vit_layout=None):
     """The loss of `config.stage`."""
     stage = config.stage
     if stage == "vision":
-        if config.data.get("vision_labels", "caption_words") in ("scene_cells", "scene_cover"):
+        if config.data.get("vision_labels", "caption_words") != "caption_words":  # scene labels
             return lambda m, b, r, s: objectives.scene_cells_loss(m, b, r, s, vit_layout=vit_layout)
         return lambda m, b, r, s: objectives.caption_words_loss(m, b, r, s, vit_layout=vit_layout)
     if stage == "understanding":

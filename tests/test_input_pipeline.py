@@ -85,6 +85,11 @@ def test_vision_batch_is_pixels_and_the_captions_words():
         assert set(np.flatnonzero(batch["caption_words"][i])) == set(tok.encode(caption)), caption
 
 
+def scene_labels(objects, grid, cover=False):
+    t = input_pipeline.scene_cell_targets(objects, grid, cover=cover)
+    return t["cell_shape"], t["cell_color"]
+
+
 def test_scene_cell_labels_mark_each_objects_centre_cell():
     objects = [
         ["circle", "red", 0.1, 0.1, 0.2],  # row 0, col 0
@@ -92,7 +97,7 @@ def test_scene_cell_labels_mark_each_objects_centre_cell():
         ["square", "blue", 0.55, 0.8, 0.18],  # row 3, col 2; shares it with a larger triangle
         ["triangle", "green", 0.7, 0.95, 0.25],
     ]
-    shape, color = input_pipeline.scene_cell_labels(objects, 4)
+    shape, color = scene_labels(objects, 4)
     expected_shape, expected_color = np.zeros(16, np.int32), np.zeros(16, np.int32)
     for cell, s, c in ((0, "circle", "red"), (7, "cross", "white"), (14, "triangle", "green")):
         expected_shape[cell] = 1 + shapes.SHAPES.index(s)
@@ -100,7 +105,7 @@ def test_scene_cell_labels_mark_each_objects_centre_cell():
     np.testing.assert_array_equal(shape, expected_shape)
     np.testing.assert_array_equal(color, expected_color)
     with pytest.raises(ValueError, match="objects.*hexagon"):
-        input_pipeline.scene_cell_labels([["hexagon", "red", 0.5, 0.5, 0.2]], 4)
+        scene_labels([["hexagon", "red", 0.5, 0.5, 0.2]], 4)
 
 
 def test_scene_cover_labels_every_cell_an_object_paints_from_the_render():
@@ -111,8 +116,8 @@ def test_scene_cover_labels_every_cell_an_object_paints_from_the_render():
         ["diamond", "blue", 0.72, 0.78, 0.2],
     ]
     grid = 4
-    centre_shape, _ = input_pipeline.scene_cell_labels(objects, grid)
-    shape, color = input_pipeline.scene_cell_labels(objects, grid, cover=True)
+    centre_shape, _ = scene_labels(objects, grid)
+    shape, color = scene_labels(objects, grid, cover=True)
     # Reference: the rendered image at 8 pixels per cell (the labels' sample points), cell by cell.
     scene = shapes.Scene(tuple(shapes.Obj(*o) for o in objects))
     image = shapes.render(scene, grid * 8).reshape(grid, 8, grid, 8, 3).transpose(0, 2, 1, 3, 4)
@@ -132,9 +137,9 @@ def test_scene_cover_labels_every_cell_an_object_paints_from_the_render():
 def test_scene_cell_centres_give_each_labelled_cell_its_objects_centre():
     objects = [["circle", "red", 0.2, 0.2, 0.3], ["cross", "white", 0.75, 0.3, 0.28]]
     for cover in (False, True):
-        shape, _ = input_pipeline.scene_cell_labels(objects, 4, cover=cover)
+        targets = input_pipeline.scene_cell_targets(objects, 4, cover=cover)
+        shape, centres = targets["cell_shape"], targets["cell_centre"]
         owner = input_pipeline.scene_cell_objects(objects, 4, cover=cover)
-        centres = input_pipeline.scene_cell_centres(objects, 4, cover=cover)
         assert centres.shape == (16, 2) and centres.dtype == np.float32
         np.testing.assert_array_equal(owner >= 0, shape > 0)
         for cell in range(16):
@@ -154,13 +159,12 @@ def test_vision_batch_on_scene_cells_labels_every_merged_token(labels):
     for i in range(4):
         scene = shapes.make_example("validation", i, "pair", resolution=config.data.vit_image_size)["scene"]
         objects = [[o.shape, o.color, o.x, o.y, o.size] for o in scene.objects]
-        shape, color = input_pipeline.scene_cell_labels(objects, grid, cover=labels == "scene_cover")
+        targets = input_pipeline.scene_cell_targets(objects, grid, cover=labels == "scene_cover")
+        shape, color = targets["cell_shape"], targets["cell_color"]
         np.testing.assert_array_equal(batch["cell_shape"][i], shape)
         np.testing.assert_array_equal(batch["cell_color"][i], color)
         if centres:
-            np.testing.assert_array_equal(
-                batch["cell_centre"][i], input_pipeline.scene_cell_centres(objects, grid, cover=True)
-            )
+            np.testing.assert_array_equal(batch["cell_centre"][i], targets["cell_centre"])
         assert (shape > 0).sum() >= 1 and ((shape > 0).sum() <= len(objects) or labels == "scene_cover")
 
 

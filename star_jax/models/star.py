@@ -270,10 +270,7 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
     decoder_cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
     star_cfg = StarConfig.from_dict(config.model.star)
     components = STAGE_COMPONENTS[stage or config.stage]
-    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") in (
-        "scene_cells",
-        "scene_cover",
-    ):
+    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") != "caption_words":
         components = ("vision", "cell_head")
     if "discriminator" in components and not config.get("vq_loss", {}).get("disc_weight", 0.0):
         components = tuple(c for c in components if c != "discriminator")  # no GAN term: no PatchGAN params
