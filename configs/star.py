@@ -97,6 +97,9 @@ def get_config(arg=None):
     # Shapes world, understanding stream: this fraction of its questions count an object that is in
     # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
     config.data.count_present_fraction = 0.0
+    # Understanding prompts put the image after the question (Qwen accepts either order): causal
+    # image tokens then see the question, so each can mark itself as asked about.
+    config.data.question_first = False
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad

@@ -127,6 +127,8 @@ def validate(config, num_devices: int | None = None) -> None:
             per_image,
             f"multi-question chats come from the shapes world, not source={config.data.source!r}",
         )
+    if not isinstance(config.get("data", {}).get("question_first", False), bool):
+        _fail("data.question_first", config.data.question_first, "must be True or False")
     labels = config.get("data", {}).get("vision_labels", "caption_words")
     if labels not in ("caption_words", "scene_cells", "scene_cover"):
         _fail("data.vision_labels", labels, "not one of ('caption_words', 'scene_cells', 'scene_cover')")

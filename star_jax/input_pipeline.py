@@ -89,6 +89,7 @@ class ExampleSpec:
     max_aspect_ratio: float
     vision_labels: str = "caption_words"
     scene_centres: bool = False
+    question_first: bool = False
 
     @classmethod
     def from_config(cls, config) -> ExampleSpec:
@@ -116,6 +117,7 @@ class ExampleSpec:
             max_aspect_ratio=data.max_aspect_ratio,
             vision_labels=data.get("vision_labels", "caption_words"),
             scene_centres=bool(data.get("scene_centres", False)),
+            question_first=bool(data.get("question_first", False)),
         )
 
     @property
@@ -460,6 +462,7 @@ class PrepareExample:
             vit_grid_thw=grid,
             spatial_merge_size=s.merge_size,
             follow_ups=records.decode_turns(record["follow_ups"]) if record.get("follow_ups") is not None else (),
+            question_first=s.question_first,
         )
         out["pixels"] = self._pixels(self._image(record, "image"))
         return out

@@ -159,9 +159,11 @@ def understanding_example(
     vit_grid_thw: tuple[int, int, int] | None,
     spatial_merge_size: int,
     follow_ups: tuple[tuple[str, str], ...] = (),
+    question_first: bool = False,
 ) -> dict[str, np.ndarray]:
     """Image + question -> answer: `<|vision_start|><|image_pad|>*n<|vision_end|>question` as the user
-    turn, the answer + <|im_end|> as targets. Without an image grid it is a text-only chat.
+    turn (`question<|vision_start|>...<|vision_end|>` with `question_first`), the answer + <|im_end|>
+    as targets. Without an image grid it is a text-only chat.
 
     `follow_ups` (question, answer) pairs continue the chat as later user / assistant turns about
     the same image (Qwen's multi-turn template); every answer + <|im_end|> is a target.
@@ -173,7 +175,8 @@ def understanding_example(
     prompt = tok.encode(chat.chat_prompt(question))
     n_vit = 0
     if vit_grid_thw is not None:
-        k = user_insert_index(prompt, tok)
+        # question_first: the image closes the user turn, so (causal) image tokens see the question.
+        k = len(prompt) - 1 - prompt[::-1].index(im_end) if question_first else user_insert_index(prompt, tok)
         t, h, w = vit_grid_thw
         n_vit = t * h * w // spatial_merge_size**2
         prompt = prompt[:k] + [vs] + [image_pad] * n_vit + [ve] + prompt[k:]

@@ -114,11 +114,12 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
 
 def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE
-    and the vision stage on scene cells."""
+    and the vision stage on scene cells; its prompts put the question before the image."""
     config = _tiny_config()
     config.pipeline.stages = ("vision", "understanding")
     config.model.decoder.mrope_interleaved = True
     config.data.vision_labels = "scene_cells"
+    config.data.question_first = True
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
     assert set(numbers) == {"understanding_before", "understanding_shuffled", "stage_wall_s", "total_wall_s"}
@@ -133,6 +134,14 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "vision" / "metrics.jsonl")]
     assert all(0.0 <= row["cell_shape_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert any("cell_shape_accuracy" in row for row in log)
+    # The runner answers with the layout the base was trained on (the stage's saved config).
+    from star_jax.decode.runner import StarRunner
+
+    runner = StarRunner.from_workdir(str(tmp_path), stages=("understanding",))
+    prompts, encode = [], runner.tok.encode
+    runner.tok.encode = lambda text: prompts.append(text) or encode(text)
+    runner.understand(np.zeros((1, 32, 32, 3), np.uint8), ["how many circles are there?"], max_new_tokens=2)
+    assert "user\nhow many circles are there?<|vision_start|>" in prompts[0]
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):

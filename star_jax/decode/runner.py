@@ -213,7 +213,8 @@ class StarRunner:
         for q in questions:
             if not q.strip():
                 raise ValueError("empty question")
-            user = (chat.image_placeholder(self._n_vit(grid)) if images is not None else "") + q
+            n_vit = self._n_vit(grid) if images is not None else 0
+            user = chat.user_text(q, n_vit, question_first=bool(self.config.data.get("question_first", False)))
             ids = self.tok.encode(chat.chat_prompt(user))
             examples.append(ids)
         ids, mask = text.left_pad(examples, self.tok.pad_id)

@@ -27,6 +27,15 @@ def image_placeholder(num_image_tokens: int) -> str:
     return "<|vision_start|>" + "<|image_pad|>" * num_image_tokens + "<|vision_end|>"
 
 
+def user_text(question: str, num_image_tokens: int = 0, *, question_first: bool = False) -> str:
+    """An understanding user turn's text: the image slot (if any) before the question, or after it
+    with `question_first` (data.question_first)."""
+    if not num_image_tokens:
+        return question
+    slot = image_placeholder(num_image_tokens)
+    return question + slot if question_first else slot + question
+
+
 def generation_ids(tok, prompt: str, system: str = SYSTEM) -> list[int]:
     """Ids of a text-to-image prompt: the chat template + `<|vision_start|>` (image tokens follow)."""
     return tok.encode(chat_prompt(prompt, system)) + [tok.special("<|vision_start|>")]
@@ -40,7 +49,7 @@ def understanding_ids(
     Returns (ids [T], loss_mask [T]): the mask is True on the answer tokens and the closing
     `<|im_end|>` (the model learns to stop), False on the prompt.
     """
-    user = (image_placeholder(num_image_tokens) if num_image_tokens else "") + question
+    user = user_text(question, num_image_tokens)
     prompt = tok.encode(chat_prompt(user, system))
     reply = tok.encode(answer) + [tok.special("<|im_end|>")]
     return prompt + reply, [False] * len(prompt) + [True] * len(reply)
