@@ -97,6 +97,9 @@ def get_config(arg=None):
     # Shapes world, understanding stream: this fraction of its questions count an object that is in
     # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
     config.data.count_present_fraction = 0.0
+    # Shapes world, understanding stream: how often each question kind is asked, one weight per
+    # captions.QA_KINDS (count, color, shape, position, existence); () = uniform. Evaluation: uniform.
+    config.data.qa_kind_weights = ()
     # Understanding prompts put the image after the question (Qwen accepts either order): causal
     # image tokens then see the question, so each can mark itself as asked about.
     config.data.question_first = False

@@ -127,6 +127,18 @@ def validate(config, num_devices: int | None = None) -> None:
             per_image,
             f"multi-question chats come from the shapes world, not source={config.data.source!r}",
         )
+    weights = tuple(config.get("data", {}).get("qa_kind_weights", ()))
+    if weights:
+        from star_jax.shapes.captions import QA_KINDS
+
+        if len(weights) != len(QA_KINDS) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
+            _fail("data.qa_kind_weights", weights, f"needs {len(QA_KINDS)} weights >= 0 (for {QA_KINDS}), not all 0")
+        if config.data.source != "shapes":
+            _fail(
+                "data.qa_kind_weights",
+                weights,
+                f"questions come from the shapes world, not source={config.data.source!r}",
+            )
     if not isinstance(config.get("data", {}).get("question_first", False), bool):
         _fail("data.question_first", config.data.question_first, "must be True or False")
     labels = config.get("data", {}).get("vision_labels", "caption_words")

@@ -227,6 +227,8 @@ class ShapesSource:
     more questions about the same scene (JSON `[[question, answer], ...]`).
     `count_present_fraction` of the QA records (not captions) instead count an object that is in
     the scene (`captions.count_present_question`; the evaluation's questions are unchanged).
+    `qa_kind_weights` (one per `captions.QA_KINDS`; empty = uniform) redraws the QA records'
+    questions (and follow-ups) with those kind frequencies: the training mixture, not the evaluation's.
     Pairs: `pair_tags` restricts them to those tags (index i gets pair_tags[i % len]; empty = all).
     """
 
@@ -242,8 +244,10 @@ class ShapesSource:
         qa_per_image: int = 1,
         pair_tags: tuple[str, ...] = (),
         count_present_fraction: float = 0.0,
+        qa_kind_weights: tuple[float, ...] = (),
     ):
         self.count_present_fraction = count_present_fraction
+        self.qa_kind_weights = tuple(qa_kind_weights) or None
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
         self.qa_per_image, self.pair_tags = qa_per_image, tuple(pair_tags)
@@ -262,6 +266,8 @@ class ShapesSource:
                 ex |= {"question": CAPTION_QUESTION, "answer": ex["caption"]}
             else:
                 ex = shapes.make_example(self.split, int(index), "qa", seed=self.seed, resolution=self.resolution)
+                if self.qa_kind_weights:
+                    ex = self._weighted_question(index, ex)
                 if self.count_present_fraction:
                     ex = self._maybe_count_present(index, ex)
             record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
@@ -293,11 +299,20 @@ class ShapesSource:
         for _ in range(20 * self.qa_per_image):  # a scene with one object admits few distinct questions
             if len(out) == self.qa_per_image - 1:
                 break
-            q, a, _ = captions.question(rng, ex["scene"], split=self.split)
+            q, a, _ = captions.question(rng, ex["scene"], split=self.split, kind_weights=self.qa_kind_weights)
             if q not in asked:
                 asked.add(q)
                 out.append([q, a])
         return out
+
+    def _weighted_question(self, index: int, ex: dict) -> dict:
+        """The example's question redrawn with `qa_kind_weights` (a pure function of seed, split, index)."""
+        from star_jax.shapes import captions
+        from star_jax.shapes.scene import SPLITS
+
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), int(index), 0x9A])
+        q, a, kind = captions.question(rng, ex["scene"], split=self.split, kind_weights=self.qa_kind_weights)
+        return ex | {"question": q, "answer": a, "qa_kind": kind}
 
     def _maybe_count_present(self, index: int, ex: dict) -> dict:
         """With probability `count_present_fraction` (a pure function of seed, split, index), the
@@ -337,6 +352,7 @@ def make_source(config, split: str, spec: ExampleSpec):
             qa_per_image=data.get("qa_per_image", 1) if understanding else 1,
             pair_tags=tuple(data.get("pair_tags", ())) if spec.kind == "pairs" else (),
             count_present_fraction=data.get("count_present_fraction", 0.0) if understanding else 0.0,
+            qa_kind_weights=tuple(data.get("qa_kind_weights", ())) if understanding else (),
         )
         return source, None
     if data.source == "arrayrecord":

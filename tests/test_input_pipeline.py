@@ -471,6 +471,46 @@ def test_count_present_fraction_asks_counts_of_objects_in_the_scene():
     assert [again[i]["question"] for i in range(60)] == [source[i]["question"] for i in range(60)]
 
 
+def _question_kind(question: str) -> str:
+    starts = {"how many": "count", "what color": "color", "what shape": "shape", "is there": "existence"}
+    return next((k for p, k in starts.items() if question.startswith(p)), "position")
+
+
+def test_qa_kind_weights_set_the_training_mixture():
+    only = input_pipeline.ShapesSource("train", "qa", 40, resolution=32, qa_kind_weights=(0, 1, 0, 0, 1))
+    assert {_question_kind(only[i]["question"]) for i in range(40)} <= {"color", "existence", "count"}
+    # (count is the fallback of a scene that admits none of the asked kinds)
+    assert sum(_question_kind(only[i]["question"]) in ("color", "existence") for i in range(40)) >= 36
+    skewed = input_pipeline.ShapesSource("train", "qa", 200, resolution=32, qa_kind_weights=(6, 1, 1, 1, 1))
+    counts = sum(_question_kind(skewed[i]["question"]) == "count" for i in range(200))
+    assert counts > 80  # 0.6 expected; the uniform draw gives 0.2
+    # Answers hold for the scene (checked for counts), and the record is a pure function of the index.
+    for i in range(40):
+        record, scene = skewed[i], shapes.make_example("train", i, "qa", resolution=32)["scene"]
+        np.testing.assert_array_equal(record["image"], shapes.make_example("train", i, "qa", resolution=32)["image"])
+        if record["question"] == "how many objects are there?":
+            assert record["answer"] == shapes.captions.NUMBERS[len(scene.objects)]
+    again = input_pipeline.ShapesSource("train", "qa", 200, resolution=32, qa_kind_weights=(6, 1, 1, 1, 1))
+    assert [again[i]["question"] for i in range(50)] == [skewed[i]["question"] for i in range(50)]
+
+
+@pytest.mark.parametrize(
+    "weights, source, message",
+    [
+        ((1, 1, 1), "shapes", "needs 5 weights"),
+        ((0, 0, 0, 0, 0), "shapes", "not all 0"),
+        ((1, -1, 1, 1, 1), "shapes", ">= 0"),
+        ((1, 1, 1, 1, 1), "arrayrecord", "shapes world"),
+    ],
+)
+def test_qa_kind_weights_are_validated(weights, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("understanding", qa_kind_weights=weights, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.qa_kind_weights=.*" + message):
+        validation.validate(config)
+
+
 @pytest.mark.parametrize("value, source, message", [(1.5, "shapes", r"\[0, 1\]"), (0.5, "arrayrecord", "shapes world")])
 def test_count_present_fraction_is_validated(value, source, message):
     from star_jax.configs import validation

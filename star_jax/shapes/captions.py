@@ -199,17 +199,23 @@ def refer(scene: Scene, index: int, rng: np.random.Generator | None = None) -> s
 
 
 def question(
-    rng: np.random.Generator, scene: Scene, config: WorldConfig = DEFAULT_WORLD, split: str = "train"
+    rng: np.random.Generator,
+    scene: Scene,
+    config: WorldConfig = DEFAULT_WORLD,
+    split: str = "train",
+    kind_weights: tuple[float, ...] | None = None,
 ) -> tuple[str, str, str]:
     """A question about `scene` with its exact answer: (question, answer, kind), kind in QA_KINDS.
 
     Answers: number words for counts, a colour, a shape, a relation ('left of', ...), 'yes' or 'no'.
-    Outside the 'heldout' split no question names a held-out pair or triple.
+    Outside the 'heldout' split no question names a held-out pair or triple. The kind is drawn
+    uniformly, or with `kind_weights` (one per QA_KINDS entry, any positive scale).
     """
     objs = scene.objects
     pairs = set(config.heldout_pairs) if split != "heldout" else set()
+    p = None if kind_weights is None else np.asarray(kind_weights, np.float64) / np.sum(kind_weights)
     for _ in range(100):
-        kind = _pick(rng, QA_KINDS)
+        kind = _pick(rng, QA_KINDS) if p is None else QA_KINDS[int(rng.choice(len(QA_KINDS), p=p))]
         if kind == "count":
             shape = _pick(rng, SHAPES)
             mode = int(rng.integers(3))
