@@ -131,8 +131,10 @@ def validate(config, num_devices: int | None = None) -> None:
     if weights:
         from star_jax.shapes.captions import QA_KINDS
 
-        if len(weights) != len(QA_KINDS) or any(not w >= 0 for w in weights) or not sum(weights) > 0:
-            _fail("data.qa_kind_weights", weights, f"needs {len(QA_KINDS)} weights >= 0 (for {QA_KINDS}), not all 0")
+        if len(weights) != len(QA_KINDS):
+            _fail("data.qa_kind_weights", weights, f"needs {len(QA_KINDS)} weights, one per kind of {QA_KINDS}")
+        if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+            _fail("data.qa_kind_weights", weights, "weights must be >= 0 and not all 0")
         if config.data.source != "shapes":
             _fail(
                 "data.qa_kind_weights",

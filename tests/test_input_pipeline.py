@@ -486,10 +486,10 @@ def test_qa_kind_weights_set_the_training_mixture():
     assert counts > 80  # 0.6 expected; the uniform draw gives 0.2
     # Answers hold for the scene (checked for counts), and the record is a pure function of the index.
     for i in range(40):
-        record, scene = skewed[i], shapes.make_example("train", i, "qa", resolution=32)["scene"]
-        np.testing.assert_array_equal(record["image"], shapes.make_example("train", i, "qa", resolution=32)["image"])
+        record, ex = skewed[i], shapes.make_example("train", i, "qa", resolution=32)
+        np.testing.assert_array_equal(record["image"], ex["image"])
         if record["question"] == "how many objects are there?":
-            assert record["answer"] == shapes.captions.NUMBERS[len(scene.objects)]
+            assert record["answer"] == shapes.captions.NUMBERS[len(ex["scene"].objects)]
     again = input_pipeline.ShapesSource("train", "qa", 200, resolution=32, qa_kind_weights=(6, 1, 1, 1, 1))
     assert [again[i]["question"] for i in range(50)] == [skewed[i]["question"] for i in range(50)]
 
@@ -497,9 +497,9 @@ def test_qa_kind_weights_set_the_training_mixture():
 @pytest.mark.parametrize(
     "weights, source, message",
     [
-        ((1, 1, 1), "shapes", "needs 5 weights"),
-        ((0, 0, 0, 0, 0), "shapes", "not all 0"),
-        ((1, -1, 1, 1, 1), "shapes", ">= 0"),
+        ((1, 1, 1), "shapes", "needs 5 weights, one per kind"),
+        ((0, 0, 0, 0, 0), "shapes", ">= 0 and not all 0"),
+        ((1, -1, 1, 1, 1), "shapes", ">= 0 and not all 0"),
         ((1, 1, 1, 1, 1), "arrayrecord", "shapes world"),
     ],
 )
