@@ -100,6 +100,10 @@ def get_config(arg=None):
     # Shapes world, understanding stream: how often each question kind is asked, one weight per
     # captions.QA_KINDS (count, color, shape, position, existence); () = uniform. Evaluation: uniform.
     config.data.qa_kind_weights = ()
+    # Shapes world, understanding stream: this fraction of its questions (first and follow-ups) ask
+    # where an object is ("where in the image is the red circle?" -> "(3, 7)", its centre in tenths of
+    # the image): grounding data, as Qwen-VL trains on, for the lookup position questions compose.
+    config.data.grounding_fraction = 0.0
     # Understanding prompts put the image after the question (Qwen accepts either order): causal
     # image tokens then see the question, so each can mark itself as asked about.
     config.data.question_first = False

@@ -112,7 +112,11 @@ def validate(config, num_devices: int | None = None) -> None:
         if config.train.batch_size % config.train.grad_accum:
             _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
         _validate_lr_mults(config.train.get("lr_mults", ()))
-    for name, what in (("caption_fraction", "captioning turns"), ("count_present_fraction", "count questions")):
+    for name, what in (
+        ("caption_fraction", "captioning turns"),
+        ("count_present_fraction", "count questions"),
+        ("grounding_fraction", "grounding questions"),
+    ):
         fraction = config.get("data", {}).get(name, 0.0)
         if not 0.0 <= fraction <= 1.0:
             _fail(f"data.{name}", fraction, "must be in [0, 1]")

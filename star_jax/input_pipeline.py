@@ -227,6 +227,8 @@ class ShapesSource:
     more questions about the same scene (JSON `[[question, answer], ...]`).
     `count_present_fraction` of the QA records (not captions) instead count an object that is in
     the scene (`captions.count_present_question`; the evaluation's questions are unchanged).
+    `grounding_fraction` of the QA turns (first and follow-ups; not captions) instead ask where an
+    object is (`captions.grounding_question`: "where in the image is the red circle?" -> "(3, 7)").
     `qa_kind_weights` (one per `captions.QA_KINDS`; empty = uniform) redraws the QA records'
     questions (and follow-ups) with those kind frequencies: the training mixture, not the evaluation's.
     Pairs: `pair_tags` restricts them to those tags (index i gets pair_tags[i % len]; empty = all).
@@ -245,8 +247,9 @@ class ShapesSource:
         pair_tags: tuple[str, ...] = (),
         count_present_fraction: float = 0.0,
         qa_kind_weights: tuple[float, ...] = (),
+        grounding_fraction: float = 0.0,
     ):
-        self.count_present_fraction = count_present_fraction
+        self.count_present_fraction, self.grounding_fraction = count_present_fraction, grounding_fraction
         self.qa_kind_weights = tuple(qa_kind_weights) or None
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
@@ -270,9 +273,14 @@ class ShapesSource:
                     ex = self._weighted_question(index, ex)
                 if self.count_present_fraction:
                     ex = self._maybe_count_present(index, ex)
+            grounding = self._grounding_rng(index)
+            if grounding is not None and ex["question"] != CAPTION_QUESTION:
+                ex = ex | dict(
+                    zip(("question", "answer"), self._maybe_grounding(grounding, ex, ex["question"], ex["answer"]))
+                )
             record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
             if self.qa_per_image > 1:
-                record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex))
+                record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex, grounding))
             return record
         tag = self.pair_tags[int(index) % len(self.pair_tags)] if self.kind == "pairs" and self.pair_tags else None
         ex = shapes.make_example(
@@ -288,9 +296,10 @@ class ShapesSource:
             }
         return {k: ex[k] for k in ("source_image", "instruction", "target_image")}
 
-    def _follow_ups(self, index: int, ex: dict) -> list[list[str]]:
+    def _follow_ups(self, index: int, ex: dict, grounding: np.random.Generator | None = None) -> list[list[str]]:
         """`qa_per_image - 1` more questions about the example's scene (after its QA or captioning
-        turn), none asked twice: [[q, a], ...]; a pure function of (seed, split, index)."""
+        turn), none asked twice: [[q, a], ...]; a pure function of (seed, split, index). With
+        `grounding` (the record's grounding RNG), each may become a grounding question."""
         from star_jax.shapes import captions
         from star_jax.shapes.scene import SPLITS
 
@@ -300,6 +309,8 @@ class ShapesSource:
             if len(out) == self.qa_per_image - 1:
                 break
             q, a, _ = captions.question(rng, ex["scene"], split=self.split, kind_weights=self.qa_kind_weights)
+            if grounding is not None:
+                q, a = self._maybe_grounding(grounding, ex, q, a)
             if q not in asked:
                 asked.add(q)
                 out.append([q, a])
@@ -325,6 +336,25 @@ class ShapesSource:
             return ex
         q, a, _ = captions.count_present_question(rng, ex["scene"], split=self.split)
         return ex | {"question": q, "answer": a}
+
+    def _grounding_rng(self, index: int) -> np.random.Generator | None:
+        """The record's RNG of grounding draws (a pure function of seed, split, index); None when
+        `grounding_fraction` is 0, so that every other draw of the stream stays as it was."""
+        from star_jax.shapes.scene import SPLITS
+
+        if not self.grounding_fraction:
+            return None
+        return np.random.default_rng([self.seed, SPLITS.index(self.split), int(index), 0x6D])
+
+    def _maybe_grounding(self, rng: np.random.Generator, ex: dict, q: str, a: str) -> tuple[str, str]:
+        """(q, a), or with probability `grounding_fraction` a grounding question about the scene
+        (`captions.grounding_question`: where an object is, as "x y" in tenths of the image)."""
+        from star_jax.shapes import captions
+
+        if rng.random() >= self.grounding_fraction:
+            return q, a
+        grounded = captions.grounding_question(rng, ex["scene"], split=self.split)
+        return (q, a) if grounded is None else grounded[:2]
 
     def _is_caption(self, index: int) -> bool:
         """A pure function of (seed, split, index), like the examples themselves."""
@@ -353,6 +383,7 @@ def make_source(config, split: str, spec: ExampleSpec):
             pair_tags=tuple(data.get("pair_tags", ())) if spec.kind == "pairs" else (),
             count_present_fraction=data.get("count_present_fraction", 0.0) if understanding else 0.0,
             qa_kind_weights=tuple(data.get("qa_kind_weights", ())) if understanding else (),
+            grounding_fraction=data.get("grounding_fraction", 0.0) if understanding else 0.0,
         )
         return source, None
     if data.source == "arrayrecord":

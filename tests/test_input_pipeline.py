@@ -471,6 +471,44 @@ def test_count_present_fraction_asks_counts_of_objects_in_the_scene():
     assert [again[i]["question"] for i in range(60)] == [source[i]["question"] for i in range(60)]
 
 
+def test_grounding_fraction_asks_where_objects_are():
+    plain = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, qa_per_image=3)
+    source = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, qa_per_image=3, grounding_fraction=0.4)
+    grounded = turns = 0
+    for i in range(60):
+        scene = shapes.make_example("train", i, "qa", resolution=32)["scene"]
+        record, base = source[i], plain[i]
+        np.testing.assert_array_equal(record["image"], base["image"])
+        for q, a in [(record["question"], record["answer"])] + json.loads(record["follow_ups"]):
+            turns += 1
+            if not q.startswith("where in the image is "):
+                continue
+            grounded += 1
+            named = q.removeprefix("where in the image is the ").removesuffix("?").split()
+            matches = [o for o in scene.objects if o.shape == named[-1] and (len(named) == 1 or o.color == named[0])]
+            assert len(matches) == 1, (q, scene)  # a unique description
+            assert a == f"({int(matches[0].x * 10)}, {int(matches[0].y * 10)})", (q, a, matches[0])
+    assert 0.25 * turns <= grounded <= 0.55 * turns, (grounded, turns)
+    # Off (the default), the stream is unchanged; on, it is a pure function of (seed, split, index).
+    again = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, qa_per_image=3, grounding_fraction=0.4)
+    assert [again[i]["follow_ups"] for i in range(30)] == [source[i]["follow_ups"] for i in range(30)]
+    off = input_pipeline.ShapesSource("train", "qa", 60, resolution=32, qa_per_image=3, grounding_fraction=0.0)
+    assert [(off[i]["question"], off[i]["follow_ups"]) for i in range(30)] == [
+        (plain[i]["question"], plain[i]["follow_ups"]) for i in range(30)
+    ]
+
+
+@pytest.mark.parametrize(
+    "value, source, message", [(-0.1, "shapes", r"\[0, 1\]"), (0.2, "arrayrecord", "shapes world")]
+)
+def test_grounding_fraction_is_validated(value, source, message):
+    from star_jax.configs import validation
+
+    config = make_config("understanding", grounding_fraction=value, source=source, path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.grounding_fraction=.*" + message):
+        validation.validate(config)
+
+
 def _question_kind(question: str) -> str:
     starts = {"how many": "count", "what color": "color", "what shape": "shape", "is there": "existence"}
     return next((k for p, k in starts.items() if question.startswith(p)), "position")

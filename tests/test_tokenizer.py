@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from star_jax.shapes import captions
 from star_jax.shapes.splits import make_example
 from star_jax.text import chat
 from star_jax.text.tokenizer import QWEN_SPECIALS, BuiltinTokenizer, HFTokenizer, load_tokenizer
@@ -42,7 +43,8 @@ def test_every_shapes_text_tokenizes(split, stems):
     tok = BuiltinTokenizer(stems=stems)
     for i in range(150):
         pair, qa, edit = (make_example(split, i, kind, resolution=8) for kind in ("pair", "qa", "edit"))
-        for text in (pair["caption"], qa["question"], qa["answer"], edit["instruction"]):
+        grounding = captions.grounding_question(np.random.default_rng(i), qa["scene"], split=split) or ("", "")
+        for text in (pair["caption"], qa["question"], qa["answer"], edit["instruction"], *grounding[:2]):
             ids = tok.encode(text, strict=True)
             assert tok.decode(ids) == text
             assert tok.unk_id not in ids

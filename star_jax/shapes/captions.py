@@ -282,6 +282,25 @@ def count_present_question(
     return f"how many {make_plural(o.shape)} are there?", NUMBERS[n], "count"
 
 
+def grounding_question(
+    rng: np.random.Generator, scene: Scene, config: WorldConfig = DEFAULT_WORLD, split: str = "train"
+) -> tuple[str, str, str] | None:
+    """Where one object is: ("where in the image is the red circle?", "(3, 7)", "grounding"), the
+    answer its centre in tenths of the image side (x from the left, then y from the top; digits 0-9,
+    a point as Qwen-VL writes one), or None when no object has a unique description. Qwen-VL's grounding data in miniature: a
+    training-stream question (data.grounding_fraction) that teaches looking an object's place up by
+    its name, which position questions compose. Held-out pairs are not named outside 'heldout'."""
+    pairs = set(config.heldout_pairs) if split != "heldout" else set()
+    for i in rng.permutation(len(scene.objects)).tolist():
+        o = scene.objects[i]
+        ref = refer(scene, i, rng)
+        if ref is None or (o.color, o.shape) in pairs:
+            continue
+        x, y = (min(max(int(v * 10), 0), 9) for v in (o.x, o.y))
+        return f"where in the image is {ref}?", f"({x}, {y})", "grounding"
+    return None
+
+
 # ----------------------------------------------------------------------------- edits
 
 
