@@ -94,6 +94,10 @@ def get_config(arg=None):
     # With scene labels: each labelled token also regresses its object's centre (x, y), so the
     # tower's features say where an object is (the relations of position questions).
     config.data.scene_centres = False
+    # With scene labels: each labelled token also tells which objects stand clearly left of / right
+    # of / above / below its object (multi-hot over relation x shape x colour), so "is A left of B?"
+    # is one bit of B's tokens, read as "is there an A?" is read.
+    config.data.scene_relations = False
     # Shapes world, understanding stream: this fraction of its questions count an object that is in
     # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
     config.data.count_present_fraction = 0.0

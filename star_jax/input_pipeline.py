@@ -22,7 +22,8 @@ N = VQ codes per image, P = ViT patches per image):
                  caption_words [B, V] float32 (1 where vocabulary word v is a token of the image's
                  caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
                  cell_color [B, G * G] int32 (shapes world; see `scene_cell_targets`), + cell_centre
-                 [B, G * G, 2] float32 with data.scene_centres
+                 [B, G * G, 2] float32 with data.scene_centres, + cell_relations [B, G * G, R * S * C]
+                 float32 with data.scene_relations (`scene_relation_targets`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -89,6 +90,7 @@ class ExampleSpec:
     max_aspect_ratio: float
     vision_labels: str = "caption_words"
     scene_centres: bool = False
+    scene_relations: bool = False
     question_first: bool = False
 
     @classmethod
@@ -117,6 +119,7 @@ class ExampleSpec:
             max_aspect_ratio=data.max_aspect_ratio,
             vision_labels=data.get("vision_labels", "caption_words"),
             scene_centres=bool(data.get("scene_centres", False)),
+            scene_relations=bool(data.get("scene_relations", False)),
             question_first=bool(data.get("question_first", False)),
         )
 
@@ -211,6 +214,30 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False) -> dict[str, 
     color_ids = np.array([1 + list(scene_lib.COLORS).index(o[1]) for o in objects] + [0], np.int32)
     centres = np.array([[o[2] * grid, o[3] * grid] for o in objects] + [[0.0, 0.0]], np.float32)
     return {"cell_shape": shape_ids[owner], "cell_color": color_ids[owner], "cell_centre": centres[owner]}
+
+
+def scene_relation_targets(objects, grid: int, *, cover: bool = False) -> np.ndarray:
+    """The `data.scene_relations` targets: per merged ViT token, which other objects stand in which
+    clear relation to the object labelling its cell (`scene_cell_objects`), as [G * G, R, S, C]
+    float32 multi-hot (R = shapes.RELATIONS, S = SHAPES, C = COLORS): [cell, r, s, c] = 1 when an
+    object of shape s and colour c is clearly (`scene.clear_relations`) RELATIONS[r] the cell's
+    object; all 0 in empty cells. "Is A left of B?" is then one bit of B's tokens, read as
+    "is there an A?" is read from the image (the relations a question asks as "yes")."""
+    from star_jax.shapes import scene as scene_lib
+
+    owner = scene_cell_objects(objects, grid, cover=cover)
+    objs = [scene_lib.Obj(shape, color, x, y, size) for shape, color, x, y, size in objects]
+    colors = list(scene_lib.COLORS)
+    per_object = np.zeros((len(objs) + 1, len(scene_lib.RELATIONS), len(scene_lib.SHAPES), len(colors)), np.float32)
+    for k, b in enumerate(objs):
+        for a in objs:
+            if a is b:
+                continue
+            for rel in scene_lib.clear_relations(a, b):
+                per_object[
+                    k, scene_lib.RELATIONS.index(rel), scene_lib.SHAPES.index(a.shape), colors.index(a.color)
+                ] = 1
+    return per_object[owner]  # -1 picks the trailing all-zero row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -474,6 +501,9 @@ class PrepareExample:
                 targets = scene_cell_targets(objects, grid, cover=s.vision_labels == "scene_cover")
                 if not s.scene_centres:
                     del targets["cell_centre"]
+                if s.scene_relations:
+                    relations = scene_relation_targets(objects, grid, cover=s.vision_labels == "scene_cover")
+                    targets["cell_relations"] = relations.reshape(grid * grid, -1)
                 out |= targets
             else:
                 out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)

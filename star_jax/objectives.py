@@ -81,11 +81,13 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
     """Vision stage on the shapes world: per merged ViT token, CE of the shape and of the colour of
     the object labelling its cell (0 = none), summed and averaged over tokens; with `cell_centre`
     [B, N, 2] in the batch (data.scene_centres), + the squared error of that object's centre (in
-    cells), averaged over the labelled cells.
+    cells), averaged over the labelled cells; with `cell_relations` [B, N, K] (data.scene_relations),
+    + the sigmoid CE of each relation bit, summed over bits and averaged over the labelled cells.
 
     Metrics: shape / colour accuracy over the labelled cells, the fraction of images whose every
-    cell (empty or not) is labelled right, and the centre's mean absolute error (cells)."""
-    shape_logits, color_logits, centre = model.cell_logits(batch, vit_layout)
+    cell (empty or not) is labelled right, the centre's mean absolute error (cells), and the relation
+    bits' recall and precision (threshold 1/2, labelled cells)."""
+    shape_logits, color_logits, centre, relation_logits = model.cell_logits(batch, vit_layout)
     shape_loss, _, _ = cross_entropy(shape_logits, batch["cell_shape"])
     color_loss, _, _ = cross_entropy(color_logits, batch["cell_color"])
     occupied = batch["cell_shape"] > 0
@@ -102,6 +104,13 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
         error = (centre - batch["cell_centre"]) * occupied[..., None]
         loss = loss + jnp.sum(jnp.square(error)) / n
         metrics["cell_centre_error"] = jnp.sum(jnp.abs(error)) / (2 * n)
+    if "cell_relations" in batch:
+        labels = batch["cell_relations"].astype(jnp.float32)
+        per_bit = labels * jax.nn.log_sigmoid(relation_logits) + (1 - labels) * jax.nn.log_sigmoid(-relation_logits)
+        loss = loss - jnp.sum(per_bit * occupied[..., None]) / n
+        predicted, truth = (relation_logits > 0) & occupied[..., None], labels > 0.5
+        metrics["relation_recall"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(truth), 1)
+        metrics["relation_precision"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(predicted), 1)
     return loss, metrics
 
 

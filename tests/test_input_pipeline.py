@@ -3,6 +3,7 @@ processes), disjoint process shards, and a corrupt-data fixture with 13 kinds of
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -146,6 +147,49 @@ def test_scene_cell_centres_give_each_labelled_cell_its_objects_centre():
             expected = [objects[owner[cell]][2] * 4, objects[owner[cell]][3] * 4] if owner[cell] >= 0 else [0, 0]
             np.testing.assert_allclose(centres[cell], expected, rtol=1e-6)
         assert sorted(set(owner) - {-1}) == [0, 1]
+
+
+def test_scene_relation_targets_put_each_relation_on_the_tokens_of_its_second_object():
+    from star_jax.shapes import scene as scene_lib
+
+    bit = lambda rel, shape, color: (  # noqa: E731
+        scene_lib.RELATIONS.index(rel),
+        scene_lib.SHAPES.index(shape),
+        list(scene_lib.COLORS).index(color),
+    )
+    # A red circle left of a blue square, both in the top row of the 4 x 4 grid.
+    objects = [["circle", "red", 0.15, 0.15, 0.2], ["square", "blue", 0.85, 0.15, 0.2]]
+    targets = input_pipeline.scene_relation_targets(objects, 4)
+    owner = input_pipeline.scene_cell_objects(objects, 4)
+    assert targets.shape == (16, 4, 5, 10) and targets.dtype == np.float32
+    on_square, on_circle = targets[owner == 1], targets[owner == 0]
+    assert len(on_square) == len(on_circle) == 1 and targets[owner < 0].sum() == 0
+    assert on_square[0][bit("left of", "circle", "red")] == 1 and on_square[0].sum() == 1
+    assert on_circle[0][bit("right of", "square", "blue")] == 1 and on_circle[0].sum() == 1
+    # Every position question the world asks as yes / no reads one bit of its second object's tokens.
+    checked = 0
+    for i in range(300):
+        ex = shapes.make_example("train", i, "qa", resolution=32)
+        if not (ex["qa_kind"] == "position" and ex["answer"] in ("yes", "no")):
+            continue
+        objects = [[o.shape, o.color, o.x, o.y, o.size] for o in ex["scene"].objects]
+        targets = input_pipeline.scene_relation_targets(objects, 4, cover=True)
+        owner = input_pipeline.scene_cell_objects(objects, 4, cover=True)
+        a_text, rel, b_text = re.fullmatch(
+            r"is the (.+) (left of|right of|above|below) the (.+)\?", ex["question"]
+        ).groups()
+        a_words, b_words = a_text.split(), b_text.split()
+        objs = ex["scene"].objects
+        a, b = (
+            next(k for k, o in enumerate(objs) if o.shape == ws[-1] and (len(ws) == 1 or o.color == ws[0]))
+            for ws in (a_words, b_words)
+        )
+        cells = np.flatnonzero(owner == b)
+        for cell in cells:
+            bit_set = targets[cell][bit(rel, objs[a].shape, objs[a].color)] == 1
+            assert bit_set == (ex["answer"] == "yes"), (ex["question"], objects)
+        checked += len(cells) > 0
+    assert checked >= 10
 
 
 @pytest.mark.parametrize("labels", ["scene_cells", "scene_cover"])
@@ -440,11 +484,12 @@ def test_restore_with_two_workers_and_bad_records(tmp_path):
     assert resumed.stats() == stats
 
 
-def test_scene_centres_need_scene_labels():
+@pytest.mark.parametrize("name", ["scene_centres", "scene_relations"])
+def test_scene_centres_and_relations_need_scene_labels(name):
     from star_jax.configs import validation
 
-    config = make_config("vision", scene_centres=True)
-    with pytest.raises(validation.ConfigError, match=r"config\.data\.scene_centres=.*scene labels"):
+    config = make_config("vision", **{name: True})
+    with pytest.raises(validation.ConfigError, match=rf"config\.data\.{name}=.*scene labels"):
         validation.validate(config)
 
 

@@ -114,11 +114,13 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
 
 def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE
-    and the vision stage on scene cells; its prompts put the question before the image."""
+    and the vision stage on scene cells with relation bits; its prompts put the question before the
+    image."""
     config = _tiny_config()
     config.pipeline.stages = ("vision", "understanding")
     config.model.decoder.mrope_interleaved = True
     config.data.vision_labels = "scene_cells"
+    config.data.scene_relations = True
     config.data.question_first = True
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
@@ -134,6 +136,8 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "vision" / "metrics.jsonl")]
     assert all(0.0 <= row["cell_shape_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert any("cell_shape_accuracy" in row for row in log)
+    assert all(0.0 <= row["relation_recall"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
+    assert saved["cell_head/kernel"].shape[-1] == 5 + 10 + 4 + 4 * 5 * 10  # shapes, colours, centre, relations
     # The runner answers with the layout the base was trained on (the stage's saved config).
     from star_jax.decode.runner import StarRunner
 

@@ -36,9 +36,10 @@ def test_caption_words_metrics_count_row_word_pairs():
 
 
 class _FixedCells:
-    def __init__(self, shape_logits, color_logits, centre=None):
+    def __init__(self, shape_logits, color_logits, centre=None, relations=None):
         centre = np.zeros(shape_logits.shape[:2] + (2,)) if centre is None else centre
-        self.logits = tuple(jnp.asarray(x, jnp.float32) for x in (shape_logits, color_logits, centre))
+        relations = np.zeros(shape_logits.shape[:2] + (0,)) if relations is None else relations
+        self.logits = tuple(jnp.asarray(x, jnp.float32) for x in (shape_logits, color_logits, centre, relations))
 
     def cell_logits(self, batch, vit_layout=None):
         return self.logits
@@ -80,3 +81,24 @@ def test_scene_cells_loss_adds_the_centre_error_of_labelled_cells():
     diff = (centre - cell_centre)[labelled]
     np.testing.assert_allclose(loss - base, np.square(diff).sum() / 3, rtol=1e-5)
     np.testing.assert_allclose(m["cell_centre_error"], np.abs(diff).mean(), rtol=1e-5)
+
+
+def test_scene_cells_loss_adds_the_relation_bits_of_labelled_cells():
+    rng = np.random.default_rng(2)
+    shape_logits = rng.normal(size=(2, 4, 6)).astype(np.float32)
+    color_logits = rng.normal(size=(2, 4, 11)).astype(np.float32)
+    relation_logits = rng.normal(size=(2, 4, 7)).astype(np.float32) * 3
+    cell_shape = np.array([[0, 2, 0, 5], [1, 0, 0, 0]], np.int32)
+    cell_color = np.array([[0, 3, 0, 10], [7, 0, 0, 0]], np.int32)
+    labelled = cell_shape > 0
+    bits = (rng.random((2, 4, 7)) < 0.4).astype(np.float32) * labelled[..., None]
+    model = _FixedCells(shape_logits, color_logits, relations=relation_logits)
+    batch = {"cell_shape": cell_shape, "cell_color": cell_color}
+    base, _ = objectives.scene_cells_loss(model, batch, None, 0)
+    loss, m = objectives.scene_cells_loss(model, {**batch, "cell_relations": bits}, None, 0)
+    # Sigmoid CE summed over the bits of the 3 labelled cells, averaged over them (empty cells: no loss).
+    expected = optax.sigmoid_binary_cross_entropy(relation_logits, bits)[labelled].sum() / 3
+    np.testing.assert_allclose(loss - base, expected, rtol=1e-5)
+    predicted, truth = (relation_logits > 0) & labelled[..., None], bits > 0.5
+    np.testing.assert_allclose(m["relation_recall"], (predicted & truth).sum() / truth.sum(), rtol=1e-6)
+    np.testing.assert_allclose(m["relation_precision"], (predicted & truth).sum() / predicted.sum(), rtol=1e-6)

@@ -10,9 +10,9 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   image_head/...    Linear(D -> codebook size) with bias
   word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
                     classifier on mean-pooled ViT tokens (trained there, never used after it)
-  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2) with bias: the `vision` stage's
-                    per-token scene classifier and centre regressor (data.vision_labels='scene_cells' |
-                    'scene_cover'; shapes world)
+  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2 [+ relations x shapes x colours])
+                    with bias: the `vision` stage's per-token scene classifier, centre regressor [and
+                    relation bits] (data.vision_labels='scene_cells' | 'scene_cover'; shapes world)
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -35,6 +35,7 @@ from star_jax.shapes import scene as shapes_scene
 
 # Classes of the `cell_head` (without "none"): the shapes world's vocabulary.
 CELL_SHAPES, CELL_COLORS = len(shapes_scene.SHAPES), len(shapes_scene.COLORS)
+CELL_RELATIONS = len(shapes_scene.RELATIONS) * CELL_SHAPES * CELL_COLORS  # data.scene_relations bits
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
 STAGE_COMPONENTS = {
     "vq": ("vq", "discriminator"),
@@ -115,6 +116,7 @@ class Star(nnx.Module):
         vq_cfg=None,
         disc_cfg=None,
         components: tuple[str, ...] = ALL_COMPONENTS,
+        cell_relations: bool = False,
         rngs: nnx.Rngs,
     ):
         unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head", "cell_head"}
@@ -133,7 +135,7 @@ class Star(nnx.Module):
         if "cell_head" in components:  # the vision stage's per-token scene classifier
             self.cell_head = layers.Dense(
                 vision_cfg.out_hidden_size,
-                CELL_SHAPES + CELL_COLORS + 4,  # + none, none, centre (x, y)
+                CELL_SHAPES + CELL_COLORS + 4 + cell_relations * CELL_RELATIONS,  # + none, none, centre (x, y)
                 ("embed", None),
                 use_bias=True,
                 dtype=dt,
@@ -230,11 +232,17 @@ class Star(nnx.Module):
 
     def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Vision stage (scene labels): per merged ViT token, logits of the shape [B, N, S + 1] and
-        colour [B, N, C + 1] of the object labelling its cell (class 0 = none), and that object's
-        predicted centre [B, N, 2] (x, y in cells of the merged grid); all float32."""
+        colour [B, N, C + 1] of the object labelling its cell (class 0 = none), that object's
+        predicted centre [B, N, 2] (x, y in cells of the merged grid), and the logits [B, N, K] of
+        its relation bits (K = CELL_RELATIONS with data.scene_relations, else 0); all float32."""
         logits = self.cell_head(self.vit_embeds(batch["pixels"], vit_layout)).astype(jnp.float32)
         colors_end = CELL_SHAPES + CELL_COLORS + 2
-        return logits[..., : CELL_SHAPES + 1], logits[..., CELL_SHAPES + 1 : colors_end], logits[..., colors_end:]
+        return (
+            logits[..., : CELL_SHAPES + 1],
+            logits[..., CELL_SHAPES + 1 : colors_end],
+            logits[..., colors_end : colors_end + 2],
+            logits[..., colors_end + 2 :],
+        )
 
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
@@ -291,7 +299,14 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
 
         disc_cfg = discriminator.DiscriminatorConfig(**config.vq_loss.discriminator.to_dict())
     return Star(
-        decoder_cfg, star_cfg, vision_cfg=vision_cfg, vq_cfg=vq_cfg, disc_cfg=disc_cfg, components=components, rngs=rngs
+        decoder_cfg,
+        star_cfg,
+        vision_cfg=vision_cfg,
+        vq_cfg=vq_cfg,
+        disc_cfg=disc_cfg,
+        components=components,
+        cell_relations=bool(config.get("data", {}).get("scene_relations", False)),
+        rngs=rngs,
     )
 
 
