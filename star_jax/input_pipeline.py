@@ -23,7 +23,7 @@ N = VQ codes per image, P = ViT patches per image):
                  caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
                  cell_color [B, G * G] int32 (shapes world; see `scene_cell_targets`), + cell_centre
                  [B, G * G, 2] float32 with data.scene_centres, + cell_relations [B, G * G, R * S * C]
-                 float32 with data.scene_relations (`scene_relation_targets`)
+                 float32 with data.scene_relations (`object_relations`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -199,13 +199,15 @@ def scene_cell_objects(objects, grid: int, *, cover: bool = False) -> np.ndarray
     return owner
 
 
-def scene_cell_targets(objects, grid: int, *, cover: bool = False) -> dict[str, np.ndarray]:
+def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bool = False) -> dict[str, np.ndarray]:
     """Dense targets of the vision stage's scene objectives, one per merged ViT token, from the
     object `scene_cell_objects(objects, grid, cover=cover)` gives each cell.
 
     Returns cell_shape, cell_color [G * G] int32 (1 + the index in shapes.SHAPES / shapes.COLORS,
     0 where no object) and cell_centre [G * G, 2] float32 (that object's centre (x, y) in cells of
-    the merged grid, 0 where none; the `data.scene_centres` targets).
+    the merged grid, 0 where none; the `data.scene_centres` targets); with relations=True also
+    cell_relations [G * G, R * S * C] float32, that object's `object_relations` (0 where none; the
+    `data.scene_relations` targets).
     """
     from star_jax.shapes import scene as scene_lib
 
@@ -213,31 +215,28 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False) -> dict[str, 
     shape_ids = np.array([1 + scene_lib.SHAPES.index(o[0]) for o in objects] + [0], np.int32)
     color_ids = np.array([1 + list(scene_lib.COLORS).index(o[1]) for o in objects] + [0], np.int32)
     centres = np.array([[o[2] * grid, o[3] * grid] for o in objects] + [[0.0, 0.0]], np.float32)
-    return {"cell_shape": shape_ids[owner], "cell_color": color_ids[owner], "cell_centre": centres[owner]}
+    targets = {"cell_shape": shape_ids[owner], "cell_color": color_ids[owner], "cell_centre": centres[owner]}
+    if relations:
+        targets["cell_relations"] = object_relations(objects)[owner].reshape(grid * grid, -1)
+    return targets
 
 
-def scene_relation_targets(objects, grid: int, *, cover: bool = False) -> np.ndarray:
-    """The `data.scene_relations` targets: per merged ViT token, which other objects stand in which
-    clear relation to the object labelling its cell (`scene_cell_objects`), as [G * G, R, S, C]
-    float32 multi-hot (R = shapes.RELATIONS, S = SHAPES, C = COLORS): [cell, r, s, c] = 1 when an
-    object of shape s and colour c is clearly (`scene.clear_relations`) RELATIONS[r] the cell's
-    object; all 0 in empty cells. "Is A left of B?" is then one bit of B's tokens, read as
-    "is there an A?" is read from the image (the relations a question asks as "yes")."""
+def object_relations(objects) -> np.ndarray:
+    """Which objects stand in which clear relation to each object of a shapes-world scene: [K + 1,
+    R, S, C] float32 multi-hot (K objects, R = shapes.RELATIONS, S = SHAPES, C = COLORS; the last
+    row all 0, for empty cells): [k, r, s, c] = 1 when an object of shape s and colour c is clearly
+    (`scene.clear_relations`) RELATIONS[r] object k. "Is A left of B?" is one bit of B's row, read
+    as "is there an A?" is read (the relations a question asks as "yes")."""
     from star_jax.shapes import scene as scene_lib
 
-    owner = scene_cell_objects(objects, grid, cover=cover)
     objs = [scene_lib.Obj(shape, color, x, y, size) for shape, color, x, y, size in objects]
     colors = list(scene_lib.COLORS)
-    per_object = np.zeros((len(objs) + 1, len(scene_lib.RELATIONS), len(scene_lib.SHAPES), len(colors)), np.float32)
+    bits = np.zeros((len(objs) + 1, len(scene_lib.RELATIONS), len(scene_lib.SHAPES), len(colors)), np.float32)
     for k, b in enumerate(objs):
         for a in objs:
-            if a is b:
-                continue
-            for rel in scene_lib.clear_relations(a, b):
-                per_object[
-                    k, scene_lib.RELATIONS.index(rel), scene_lib.SHAPES.index(a.shape), colors.index(a.color)
-                ] = 1
-    return per_object[owner]  # -1 picks the trailing all-zero row
+            for rel in scene_lib.clear_relations(a, b) if a is not b else ():
+                bits[k, scene_lib.RELATIONS.index(rel), scene_lib.SHAPES.index(a.shape), colors.index(a.color)] = 1
+    return bits
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,9 +301,8 @@ class ShapesSource:
                     ex = self._maybe_count_present(index, ex)
             grounding = self._grounding_rng(index)
             if grounding is not None and ex["question"] != CAPTION_QUESTION:
-                ex = ex | dict(
-                    zip(("question", "answer"), self._maybe_grounding(grounding, ex, ex["question"], ex["answer"]))
-                )
+                q, a = self._maybe_grounding(grounding, ex, ex["question"], ex["answer"])
+                ex = ex | {"question": q, "answer": a}
             record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
             if self.qa_per_image > 1:
                 record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex, grounding))
@@ -375,7 +373,7 @@ class ShapesSource:
 
     def _maybe_grounding(self, rng: np.random.Generator, ex: dict, q: str, a: str) -> tuple[str, str]:
         """(q, a), or with probability `grounding_fraction` a grounding question about the scene
-        (`captions.grounding_question`: where an object is, as "x y" in tenths of the image)."""
+        (`captions.grounding_question`: where an object is, as "(x, y)" in tenths of the image)."""
         from star_jax.shapes import captions
 
         if rng.random() >= self.grounding_fraction:
@@ -498,12 +496,10 @@ class PrepareExample:
             if s.vision_labels != "caption_words":  # scene_cells | scene_cover (validated)
                 objects = records.decode_objects(records.field(record, "objects"))
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
-                targets = scene_cell_targets(objects, grid, cover=s.vision_labels == "scene_cover")
+                cover = s.vision_labels == "scene_cover"
+                targets = scene_cell_targets(objects, grid, cover=cover, relations=s.scene_relations)
                 if not s.scene_centres:
                     del targets["cell_centre"]
-                if s.scene_relations:
-                    relations = scene_relation_targets(objects, grid, cover=s.vision_labels == "scene_cover")
-                    targets["cell_relations"] = relations.reshape(grid * grid, -1)
                 out |= targets
             else:
                 out["caption_words"] = sequences.bag_of_words(self.tokenizer, text("caption"), s.vocab_size)

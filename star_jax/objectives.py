@@ -55,9 +55,14 @@ def image_codes(model, batch: dict, key: str) -> jax.Array:
 def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Multi-label CE (big_vision's `sigmoid_xent`): summed over classes, averaged over rows.
     logits, labels [B, K] (labels in {0, 1}); returns a float32 scalar."""
+    return jnp.mean(sigmoid_cross_entropy_rows(logits, labels))
+
+
+def sigmoid_cross_entropy_rows(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Multi-label CE of each row, summed over classes: logits, labels [..., K] -> [...] float32."""
     logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
     per_class = labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits)
-    return -jnp.mean(jnp.sum(per_class, axis=-1))
+    return -jnp.sum(per_class, axis=-1)
 
 
 def caption_words_loss(model, batch, rng, step, *, vit_layout=None):
@@ -105,9 +110,8 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
         loss = loss + jnp.sum(jnp.square(error)) / n
         metrics["cell_centre_error"] = jnp.sum(jnp.abs(error)) / (2 * n)
     if "cell_relations" in batch:
-        labels = batch["cell_relations"].astype(jnp.float32)
-        per_bit = labels * jax.nn.log_sigmoid(relation_logits) + (1 - labels) * jax.nn.log_sigmoid(-relation_logits)
-        loss = loss - jnp.sum(per_bit * occupied[..., None]) / n
+        labels = batch["cell_relations"]
+        loss = loss + jnp.sum(sigmoid_cross_entropy_rows(relation_logits, labels) * occupied) / n
         predicted, truth = (relation_logits > 0) & occupied[..., None], labels > 0.5
         metrics["relation_recall"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(truth), 1)
         metrics["relation_precision"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(predicted), 1)

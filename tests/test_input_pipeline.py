@@ -149,7 +149,7 @@ def test_scene_cell_centres_give_each_labelled_cell_its_objects_centre():
         assert sorted(set(owner) - {-1}) == [0, 1]
 
 
-def test_scene_relation_targets_put_each_relation_on_the_tokens_of_its_second_object():
+def test_relation_targets_put_each_relation_on_the_tokens_of_its_second_object():
     from star_jax.shapes import scene as scene_lib
 
     bit = lambda rel, shape, color: (  # noqa: E731
@@ -159,7 +159,10 @@ def test_scene_relation_targets_put_each_relation_on_the_tokens_of_its_second_ob
     )
     # A red circle left of a blue square, both in the top row of the 4 x 4 grid.
     objects = [["circle", "red", 0.15, 0.15, 0.2], ["square", "blue", 0.85, 0.15, 0.2]]
-    targets = input_pipeline.scene_relation_targets(objects, 4)
+    relations = lambda objects, cover: input_pipeline.scene_cell_targets(  # noqa: E731
+        objects, 4, cover=cover, relations=True
+    )["cell_relations"].reshape(16, 4, 5, 10)
+    targets = relations(objects, False)
     owner = input_pipeline.scene_cell_objects(objects, 4)
     assert targets.shape == (16, 4, 5, 10) and targets.dtype == np.float32
     on_square, on_circle = targets[owner == 1], targets[owner == 0]
@@ -173,7 +176,7 @@ def test_scene_relation_targets_put_each_relation_on_the_tokens_of_its_second_ob
         if not (ex["qa_kind"] == "position" and ex["answer"] in ("yes", "no")):
             continue
         objects = [[o.shape, o.color, o.x, o.y, o.size] for o in ex["scene"].objects]
-        targets = input_pipeline.scene_relation_targets(objects, 4, cover=True)
+        targets = relations(objects, True)
         owner = input_pipeline.scene_cell_objects(objects, 4, cover=True)
         a_text, rel, b_text = re.fullmatch(
             r"is the (.+) (left of|right of|above|below) the (.+)\?", ex["question"]

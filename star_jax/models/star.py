@@ -230,7 +230,7 @@ class Star(nnx.Module):
         pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
         return self.word_head(pooled).astype(jnp.float32)
 
-    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """Vision stage (scene labels): per merged ViT token, logits of the shape [B, N, S + 1] and
         colour [B, N, C + 1] of the object labelling its cell (class 0 = none), that object's
         predicted centre [B, N, 2] (x, y in cells of the merged grid), and the logits [B, N, K] of

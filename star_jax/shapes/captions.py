@@ -287,9 +287,10 @@ def grounding_question(
 ) -> tuple[str, str, str] | None:
     """Where one object is: ("where in the image is the red circle?", "(3, 7)", "grounding"), the
     answer its centre in tenths of the image side (x from the left, then y from the top; digits 0-9,
-    a point as Qwen-VL writes one), or None when no object has a unique description. Qwen-VL's grounding data in miniature: a
-    training-stream question (data.grounding_fraction) that teaches looking an object's place up by
-    its name, which position questions compose. Held-out pairs are not named outside 'heldout'."""
+    a point as Qwen-VL writes one), or None when no object has a unique description. Qwen-VL's
+    grounding data in miniature: a training-stream question (data.grounding_fraction) that teaches
+    looking an object's place up by its name, which position questions compose. Held-out pairs are
+    not named outside 'heldout'."""
     pairs = set(config.heldout_pairs) if split != "heldout" else set()
     for i in rng.permutation(len(scene.objects)).tolist():
         o = scene.objects[i]
