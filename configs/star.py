@@ -18,7 +18,7 @@ STAGES = ("vq", "vision", "understanding", "generation", "editing")
 # no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
 TRAINABLE = {
     "vq": [r"^vq/", r"^discriminator/"],
-    "vision": [r"^vision/", r"^word_head/", r"^cell_head/"],
+    "vision": [r"^vision/", r"^word_head/", r"^cell_head/", r"^relation_head/"],
     "understanding": [r"^base/", r"^vision/"],
     "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],

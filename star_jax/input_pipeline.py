@@ -206,8 +206,8 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bo
     Returns cell_shape, cell_color [G * G] int32 (1 + the index in shapes.SHAPES / shapes.COLORS,
     0 where no object) and cell_centre [G * G, 2] float32 (that object's centre (x, y) in cells of
     the merged grid, 0 where none; the `data.scene_centres` targets); with relations=True also
-    cell_relations [G * G, R * S * C] float32, that object's `object_relations` (0 where none; the
-    `data.scene_relations` targets).
+    cell_relations [G * G, R * S * C] float32, that object's `object_relations` (1 / 0 / -1 =
+    ignored; 0 where none; the `data.scene_relations` targets).
     """
     from star_jax.shapes import scene as scene_lib
 
@@ -222,11 +222,12 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bo
 
 
 def object_relations(objects) -> np.ndarray:
-    """Which objects stand in which clear relation to each object of a shapes-world scene: [K + 1,
-    R, S, C] float32 multi-hot (K objects, R = shapes.RELATIONS, S = SHAPES, C = COLORS; the last
-    row all 0, for empty cells): [k, r, s, c] = 1 when an object of shape s and colour c is clearly
-    (`scene.clear_relations`) RELATIONS[r] object k. "Is A left of B?" is one bit of B's row, read
-    as "is there an A?" is read (the relations a question asks as "yes")."""
+    """Which objects stand in which relation to each object of a shapes-world scene: [K + 1, R, S,
+    C] float32 (K objects, R = shapes.RELATIONS, S = SHAPES, C = COLORS; the last row all 0, for
+    empty cells). [k, r, s, c] is 1 when an object of shape s and colour c is clearly
+    (`scene.clear_relations`) RELATIONS[r] object k, -1 when one only might be
+    (`scene.unclear_relations`, a band no question asks about: the loss ignores it), else 0.
+    "Is A left of B?" is one bit of B's row, read as "is there an A?" is read."""
     from star_jax.shapes import scene as scene_lib
 
     objs = [scene_lib.Obj(shape, color, x, y, size) for shape, color, x, y, size in objects]
@@ -234,8 +235,12 @@ def object_relations(objects) -> np.ndarray:
     bits = np.zeros((len(objs) + 1, len(scene_lib.RELATIONS), len(scene_lib.SHAPES), len(colors)), np.float32)
     for k, b in enumerate(objs):
         for a in objs:
-            for rel in scene_lib.clear_relations(a, b) if a is not b else ():
-                bits[k, scene_lib.RELATIONS.index(rel), scene_lib.SHAPES.index(a.shape), colors.index(a.color)] = 1
+            if a is b:
+                continue
+            clear, loose = scene_lib.clear_relations(a, b), scene_lib.unclear_relations(a, b)
+            for rel in clear | loose:
+                index = k, scene_lib.RELATIONS.index(rel), scene_lib.SHAPES.index(a.shape), colors.index(a.color)
+                bits[index] = 1.0 if rel in clear or bits[index] == 1 else -1.0
     return bits
 
 

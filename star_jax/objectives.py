@@ -59,10 +59,11 @@ def sigmoid_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def sigmoid_cross_entropy_rows(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Multi-label CE of each row, summed over classes: logits, labels [..., K] -> [...] float32."""
+    """Multi-label CE of each row, summed over classes: logits, labels [..., K] -> [...] float32.
+    A negative label marks a class the row does not supervise (no loss)."""
     logits, labels = logits.astype(jnp.float32), labels.astype(jnp.float32)
     per_class = labels * jax.nn.log_sigmoid(logits) + (1.0 - labels) * jax.nn.log_sigmoid(-logits)
-    return -jnp.sum(per_class, axis=-1)
+    return -jnp.sum(jnp.where(labels >= 0, per_class, 0.0), axis=-1)
 
 
 def caption_words_loss(model, batch, rng, step, *, vit_layout=None):
@@ -87,11 +88,12 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
     the object labelling its cell (0 = none), summed and averaged over tokens; with `cell_centre`
     [B, N, 2] in the batch (data.scene_centres), + the squared error of that object's centre (in
     cells), averaged over the labelled cells; with `cell_relations` [B, N, K] (data.scene_relations),
-    + the sigmoid CE of each relation bit, summed over bits and averaged over the labelled cells.
+    + the sigmoid CE of each relation bit (but those labelled -1: relations no question asks),
+    summed over bits and averaged over the labelled cells.
 
     Metrics: shape / colour accuracy over the labelled cells, the fraction of images whose every
     cell (empty or not) is labelled right, the centre's mean absolute error (cells), and the relation
-    bits' recall and precision (threshold 1/2, labelled cells)."""
+    bits' recall and precision (threshold 1/2, labelled cells, supervised bits)."""
     shape_logits, color_logits, centre, relation_logits = model.cell_logits(batch, vit_layout)
     shape_loss, _, _ = cross_entropy(shape_logits, batch["cell_shape"])
     color_loss, _, _ = cross_entropy(color_logits, batch["cell_color"])
@@ -112,7 +114,8 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
     if "cell_relations" in batch:
         labels = batch["cell_relations"]
         loss = loss + jnp.sum(sigmoid_cross_entropy_rows(relation_logits, labels) * occupied) / n
-        predicted, truth = (relation_logits > 0) & occupied[..., None], labels > 0.5
+        known = occupied[..., None] & (labels >= 0)
+        predicted, truth = (relation_logits > 0) & known, labels > 0.5
         metrics["relation_recall"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(truth), 1)
         metrics["relation_precision"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(predicted), 1)
     return loss, metrics

@@ -169,6 +169,13 @@ def test_relation_targets_put_each_relation_on_the_tokens_of_its_second_object()
     assert len(on_square) == len(on_circle) == 1 and targets[owner < 0].sum() == 0
     assert on_square[0][bit("left of", "circle", "red")] == 1 and on_square[0].sum() == 1
     assert on_circle[0][bit("right of", "square", "blue")] == 1 and on_circle[0].sum() == 1
+    # A green triangle only a little lower than the circle: "below" might hold, so that bit is
+    # ignored (-1), and the other objects see no relation they cannot be asked about.
+    objects.append(["triangle", "green", 0.5, 0.4, 0.12])
+    on_circle = relations(objects, False)[input_pipeline.scene_cell_objects(objects, 4) == 0][0]
+    assert on_circle[bit("below", "triangle", "green")] == -1
+    assert on_circle[bit("right of", "triangle", "green")] == 1
+    objects.pop()
     # Every position question the world asks as yes / no reads one bit of its second object's tokens.
     checked = 0
     for i in range(300):
@@ -189,8 +196,8 @@ def test_relation_targets_put_each_relation_on_the_tokens_of_its_second_object()
         )
         cells = np.flatnonzero(owner == b)
         for cell in cells:
-            bit_set = targets[cell][bit(rel, objs[a].shape, objs[a].color)] == 1
-            assert bit_set == (ex["answer"] == "yes"), (ex["question"], objects)
+            value = targets[cell][bit(rel, objs[a].shape, objs[a].color)]
+            assert value == (1 if ex["answer"] == "yes" else 0), (ex["question"], objects)
         checked += len(cells) > 0
     assert checked >= 10
 

@@ -137,7 +137,8 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     assert all(0.0 <= row["cell_shape_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert any("cell_shape_accuracy" in row for row in log)
     assert all(0.0 <= row["relation_recall"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
-    assert saved["cell_head/kernel"].shape[-1] == 5 + 10 + 4 + 4 * 5 * 10  # shapes, colours, centre, relations
+    assert saved["cell_head/kernel"].shape[-1] == 5 + 10 + 4  # shapes, colours (+ none each), centre
+    assert saved["relation_head/kernel"].shape[-1] == 4 * 5 * 10  # relations x shapes x colours
     # The runner answers with the layout the base was trained on (the stage's saved config).
     from star_jax.decode.runner import StarRunner
 

@@ -92,13 +92,16 @@ def test_scene_cells_loss_adds_the_relation_bits_of_labelled_cells():
     cell_color = np.array([[0, 3, 0, 10], [7, 0, 0, 0]], np.int32)
     labelled = cell_shape > 0
     bits = (rng.random((2, 4, 7)) < 0.4).astype(np.float32) * labelled[..., None]
+    bits[rng.random((2, 4, 7)) < 0.2] = -1.0  # relations no question asks: no loss, not in the metrics
     model = _FixedCells(shape_logits, color_logits, relations=relation_logits)
     batch = {"cell_shape": cell_shape, "cell_color": cell_color}
     base, _ = objectives.scene_cells_loss(model, batch, None, 0)
     loss, m = objectives.scene_cells_loss(model, {**batch, "cell_relations": bits}, None, 0)
-    # Sigmoid CE summed over the bits of the 3 labelled cells, averaged over them (empty cells: no loss).
-    expected = optax.sigmoid_binary_cross_entropy(relation_logits, bits)[labelled].sum() / 3
+    # Sigmoid CE summed over the supervised bits of the 3 labelled cells, averaged over them.
+    known = labelled[..., None] & (bits >= 0)
+    assert 0 < (~known & labelled[..., None]).sum()
+    expected = optax.sigmoid_binary_cross_entropy(relation_logits, np.maximum(bits, 0))[known].sum() / 3
     np.testing.assert_allclose(loss - base, expected, rtol=1e-5)
-    predicted, truth = (relation_logits > 0) & labelled[..., None], bits > 0.5
+    predicted, truth = (relation_logits > 0) & known, bits > 0.5
     np.testing.assert_allclose(m["relation_recall"], (predicted & truth).sum() / truth.sum(), rtol=1e-6)
     np.testing.assert_allclose(m["relation_precision"], (predicted & truth).sum() / predicted.sum(), rtol=1e-6)

@@ -10,9 +10,12 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   image_head/...    Linear(D -> codebook size) with bias
   word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
                     classifier on mean-pooled ViT tokens (trained there, never used after it)
-  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2 [+ relations x shapes x colours])
-                    with bias: the `vision` stage's per-token scene classifier, centre regressor [and
-                    relation bits] (data.vision_labels='scene_cells' | 'scene_cover'; shapes world)
+  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2) with bias: the `vision` stage's
+                    per-token scene classifier and centre regressor (data.vision_labels='scene_cells'
+                    | 'scene_cover'; shapes world)
+  relation_head/... Linear(ViT out width -> relations x shapes x colours) with bias: the `vision`
+                    stage's per-token relation bits (data.scene_relations); its own head, so a
+                    tower trained on scene labels alone can start a relations run
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -135,7 +138,7 @@ class Star(nnx.Module):
         if "cell_head" in components:  # the vision stage's per-token scene classifier
             self.cell_head = layers.Dense(
                 vision_cfg.out_hidden_size,
-                CELL_SHAPES + CELL_COLORS + 4 + cell_relations * CELL_RELATIONS,  # + none, none, centre (x, y)
+                CELL_SHAPES + CELL_COLORS + 4,  # + none, none, centre (x, y)
                 ("embed", None),
                 use_bias=True,
                 dtype=dt,
@@ -143,6 +146,19 @@ class Star(nnx.Module):
                 kernel_init=nnx.initializers.zeros,
                 rngs=rngs,
             )
+            if cell_relations:
+                self.relation_head = layers.Dense(
+                    vision_cfg.out_hidden_size,
+                    CELL_RELATIONS,
+                    ("embed", None),
+                    use_bias=True,
+                    dtype=dt,
+                    param_dtype=pdt,
+                    kernel_init=nnx.initializers.zeros,
+                    # Few of the bits are set (about 1 %): start every sigmoid near 1 / K.
+                    bias_init=nnx.initializers.constant(-float(np.log(CELL_RELATIONS))),
+                    rngs=rngs,
+                )
         if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
             self.word_head = layers.Dense(
                 vision_cfg.out_hidden_size,
@@ -235,13 +251,18 @@ class Star(nnx.Module):
         colour [B, N, C + 1] of the object labelling its cell (class 0 = none), that object's
         predicted centre [B, N, 2] (x, y in cells of the merged grid), and the logits [B, N, K] of
         its relation bits (K = CELL_RELATIONS with data.scene_relations, else 0); all float32."""
-        logits = self.cell_head(self.vit_embeds(batch["pixels"], vit_layout)).astype(jnp.float32)
+        tokens = self.vit_embeds(batch["pixels"], vit_layout)
+        logits = self.cell_head(tokens).astype(jnp.float32)
         colors_end = CELL_SHAPES + CELL_COLORS + 2
+        if hasattr(self, "relation_head"):
+            relations = self.relation_head(tokens).astype(jnp.float32)
+        else:
+            relations = jnp.zeros(logits.shape[:-1] + (0,), jnp.float32)
         return (
             logits[..., : CELL_SHAPES + 1],
             logits[..., CELL_SHAPES + 1 : colors_end],
-            logits[..., colors_end : colors_end + 2],
-            logits[..., colors_end + 2 :],
+            logits[..., colors_end:],
+            relations,
         )
 
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
