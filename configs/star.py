@@ -96,7 +96,9 @@ def get_config(arg=None):
     config.data.scene_centres = False
     # With scene labels: each labelled token also tells which objects stand clearly left of / right
     # of / above / below its object (multi-hot over relation x shape x colour), so "is A left of B?"
-    # is one bit of B's tokens, read as "is there an A?" is read.
+    # is one bit of B's tokens, read as "is there an A?" is read. Relations that only might hold (no
+    # question asks about them) carry no loss. Learns slowly from scratch (the tower must know
+    # shapes first): start a relations run from a scene-label tower (README).
     config.data.scene_relations = False
     # Shapes world, understanding stream: this fraction of its questions count an object that is in
     # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.

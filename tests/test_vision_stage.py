@@ -105,3 +105,37 @@ def test_scene_cells_loss_adds_the_relation_bits_of_labelled_cells():
     predicted, truth = (relation_logits > 0) & known, bits > 0.5
     np.testing.assert_allclose(m["relation_recall"], (predicted & truth).sum() / truth.sum(), rtol=1e-6)
     np.testing.assert_allclose(m["relation_precision"], (predicted & truth).sum() / predicted.sum(), rtol=1e-6)
+
+
+def test_a_scene_label_tower_holds_every_param_of_a_relations_run_but_its_relation_head():
+    """A relations run starts from a tower trained on scene labels alone (init_from restores the
+    saved params the model has, by path): only relation_head/ is new, every shared param has the
+    same shape, and the new head starts every bit near 1 / K."""
+    import jax
+    from flax import nnx
+
+    from configs import star as star_config
+    from star_jax import sharding
+    from star_jax.models import star
+
+    def params(relations):
+        config = star_config.get_config("size=tiny,stage=vision")
+        config.data.vision_labels = "scene_cover"
+        config.data.scene_relations = relations
+        mesh = sharding.single_device_mesh()
+        with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+            _, state = nnx.get_abstract_model(lambda: star.build(config, rngs=nnx.Rngs(0)), mesh)
+        return {"/".join(map(str, p)): v.get_value().shape for p, v in nnx.to_flat_state(state)}
+
+    plain, relations = params(False), params(True)
+    new = set(relations) - set(plain)
+    assert new == {"relation_head/kernel", "relation_head/bias"} and not set(plain) - set(relations)
+    assert all(plain[k] == relations[k] for k in plain)
+    assert relations["relation_head/kernel"][-1] == star.CELL_RELATIONS
+    config = star_config.get_config("size=tiny,stage=vision")
+    config.data.vision_labels, config.data.scene_relations = "scene_cover", True
+    model = sharding.create_sharded(
+        lambda: star.build(config, rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+    )
+    bias = np.asarray(jax.device_get(model.relation_head.bias[...]))
+    np.testing.assert_allclose(bias, -np.log(star.CELL_RELATIONS), rtol=1e-6)
