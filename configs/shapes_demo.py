@@ -105,6 +105,8 @@ def get_config(arg=None):
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}),
         }
     )
+    for name in config.stage_overrides:  # settable per stage, e.g. 'stage:<other run>/vision'
+        config.stage_overrides[name].train.init_from = tuple(star.INIT_FROM[name])
     if arg.vision or arg.base:
         config.stage_overrides.understanding.train.init_from = ("vision",)
     if arg.base:

@@ -4,6 +4,8 @@ function, so `train.py` stays stage-agnostic.
 
 `config.train.init_from` lists sources applied in order (later ones win for the params they hold):
   "<stage>"          the final params of an earlier stage under the same workdir
+  "stage:<dir>"      the final params of the stage saved in <dir> (`<other workdir>/<stage>`),
+                     e.g. a finished vision stage of another run, to start a variant from it
   "hf:<dir>"         a Hugging Face Qwen2.5-VL / Qwen2 directory -> base (and vision)
   "vq:<file>"        reference VQ weights (.safetensors) -> vq
 After loading, a generation stage whose stack was not loaded copies it from the base's last N
@@ -13,6 +15,7 @@ layers (`model.star.stack_init = "copy_last"`).
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 from flax import nnx
@@ -52,6 +55,9 @@ def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
     kind, _, path = source.partition(":")
     if not path:
         return load_from_stage(model, workdir, source)
+    if kind == "stage":
+        parent, name = os.path.split(os.path.normpath(path))
+        return load_from_stage(model, parent, name)
     if kind == "hf":
         from star_jax.convert import hf
 
@@ -63,7 +69,9 @@ def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
 
         vq_mapping.load_reference_vq(model.vq, path)
         return {f"vq/{k}" for k in param_targets(model.vq)}
-    raise ValueError(f"config.train.init_from entry {source!r}: expected a stage name, 'hf:<dir>' or 'vq:<file>'")
+    raise ValueError(
+        f"config.train.init_from entry {source!r}: expected a stage name, 'stage:<dir>', 'hf:<dir>' or 'vq:<file>'"
+    )
 
 
 def initialiser(config):

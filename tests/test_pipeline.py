@@ -181,6 +181,12 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
     assert tower and all(np.array_equal(got[k], np.asarray(saved[k])) for k in tower)
     assert any(not np.array_equal(got[k], init[k]) for k in tower)  # the vision stage moved them
     assert all(np.array_equal(got[k], init[k]) for k in got if k.startswith("base/"))  # the base starts fresh
+    # The same tower from another run's stage directory ('stage:<dir>'), from any workdir.
+    other = fresh()
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+        loaded = tasks.load_source(other, "/nonexistent", f"stage:{workdir}/vision/")
+    assert loaded == set(tower)
+    assert all(np.array_equal(np.asarray(v), got[k]) for k, v in tasks.param_targets(other).items() if k in loaded)
 
 
 def test_stack_started_as_a_copy_of_the_last_base_layers(demo, editing_model):
