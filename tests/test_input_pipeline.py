@@ -169,8 +169,8 @@ def test_relation_targets_put_each_relation_on_the_tokens_of_its_second_object()
     assert len(on_square) == len(on_circle) == 1 and targets[owner < 0].sum() == 0
     assert on_square[0][bit("left of", "circle", "red")] == 1 and on_square[0].sum() == 1
     assert on_circle[0][bit("right of", "square", "blue")] == 1 and on_circle[0].sum() == 1
-    # A green triangle only a little lower than the circle: "below" might hold, so that bit is
-    # ignored (-1), and the other objects see no relation they cannot be asked about.
+    # A green triangle clearly right of the circle and only a little lower: "below" might hold, so
+    # that bit is ignored (-1) while "right of" is set.
     objects.append(["triangle", "green", 0.5, 0.4, 0.12])
     on_circle = relations(objects, False)[input_pipeline.scene_cell_objects(objects, 4) == 0][0]
     assert on_circle[bit("below", "triangle", "green")] == -1
