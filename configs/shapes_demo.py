@@ -107,6 +107,7 @@ def get_config(arg=None):
     )
     for name in config.stage_overrides:  # settable per stage, e.g. 'stage:<other run>/vision'
         config.stage_overrides[name].train.init_from = tuple(star.INIT_FROM[name])
+        config.stage_overrides[name].train.trainable = tuple(star.TRAINABLE[name])
     if arg.vision or arg.base:
         config.stage_overrides.understanding.train.init_from = ("vision",)
     if arg.base:
@@ -118,5 +119,5 @@ def get_config(arg=None):
     if arg.joint:
         everything = list(star.TRAINABLE["generation"]) + [r"^base/", r"^vision/"]
         for name in ("generation", "editing"):
-            config.stage_overrides[name].train.trainable = everything
+            config.stage_overrides[name].train.trainable = tuple(everything)
     return config

@@ -147,6 +147,23 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     runner.tok.encode = lambda text: prompts.append(text) or encode(text)
     runner.understand(np.zeros((1, 32, 32, 3), np.uint8), ["how many circles are there?"], max_new_tokens=2)
     assert "user\nhow many circles are there?<|vision_start|>" in prompts[0]
+    # The tower probe reads the vision stage's tower, or the understanding stage's with --tower.
+    from star_jax.cli import eval as eval_cli
+    from star_jax.eval import tower
+
+    for stage in ("vision", "understanding"):
+        model, _ = tower.load_tower(str(tmp_path), None if stage == "vision" else stage)
+        ckpts = checkpointing.StageCheckpoints(str(tmp_path), stage, read_only=True)
+        params = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
+        ckpts.close()
+        got = tasks.param_targets(model)
+        assert all(np.array_equal(np.asarray(got[k]), params[k]) for k in got if k.startswith("vision/"))
+    out = tmp_path / "tower.json"
+    argv = ["star-jax eval", "tower", "--workdir", str(tmp_path), "--num", "6", "--results", str(out)]
+    assert eval_cli.main(argv + ["--tower", "understanding"]) == 0
+    result = json.load(open(out))
+    assert 0 <= result["shape_accuracy"] <= 1 and 0 <= result["relation_recall"] <= 1 and "position" in result
+    assert eval_cli.main(argv[:-2] + ["--tower", "generation"]) == 2
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):

@@ -1,9 +1,12 @@
 """`star-jax eval shapes`: score a folder of shapes-world images with ShapeEval and print GenEval's table.
 `star-jax eval qa`: shapes-world QA accuracy per question type of a trained base, with its control.
+`star-jax eval tower`: what a vision tower's tokens carry, read by the vision stage's heads
+(`star_jax.eval.tower`): cell shape / colour / centre, relation bits, position answers from them.
 
   star-jax eval shapes --images DIR [--metadata FILE] [--results FILE]
   star-jax eval shapes --write_gt N --out DIR [--resolution 64] [--split validation] [--seed 0]
   star-jax eval qa --workdir W [--stage understanding] [--num 480] [--split validation] [--seed 0]
+  star-jax eval tower --workdir W [--tower understanding] [--num 480]
 
 `eval qa` asks `--num` questions of the split (exact match on the answer) with the right images,
 then the same questions about another scene's image: the control, what the base answers from priors.
@@ -156,9 +159,40 @@ def _qa_main(argv: list[str]) -> int:
     return 0
 
 
+def _tower_main(argv: list[str]) -> int:
+    from star_jax.eval import tower
+
+    p = argparse.ArgumentParser(
+        prog=f"{argv[0]} tower", description=tower.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--workdir", required=True, help="a run's workdir with a vision stage trained on scene labels")
+    p.add_argument(
+        "--tower", default=None, help="read the tower as this later stage left it (e.g. understanding); default: vision"
+    )
+    p.add_argument("--num", type=int, default=480, help="validation QA examples (their images and position questions)")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", help="write the result as JSON here")
+    args = p.parse_args(argv[2:])
+    if args.num < 1:
+        p.error(f"--num must be >= 1, got {args.num}")
+    from star_jax.decode.runner import WorkdirError
+
+    try:
+        result = tower.probe(args.workdir, tower_stage=args.tower, num=args.num, split=args.split, seed=args.seed)
+    except WorkdirError as e:
+        print(f"{argv[0]} tower: {e}", file=sys.stderr)
+        return 2
+    if args.results:
+        with open(args.results, "w") as f:
+            json.dump(result, f, indent=1)
+    print(tower.format_probe(result))
+    return 0
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=["shapes", "qa"], help="what to evaluate")
+    p.add_argument("benchmark", choices=["shapes", "qa", "tower"], help="what to evaluate")
     p.add_argument("--images", help="folder of PNGs to score")
     p.add_argument("--metadata", help="metadata JSONL (flat layout); default IMAGES/metadata.jsonl")
     p.add_argument("--results", help="write one JSON result per image here")
@@ -176,6 +210,8 @@ def main(argv: list[str]) -> int:
 
     if len(argv) > 1 and argv[1] == "qa":
         return _qa_main(argv)
+    if len(argv) > 1 and argv[1] == "tower":
+        return _tower_main(argv)
     parser = _parser(argv[0] if argv else "star-jax eval")
     args = parser.parse_args(argv[1:])
     if args.write_gt:

@@ -65,6 +65,28 @@ def first_trained_stage(workdir: str, stages) -> tuple[str, ml_collections.Confi
     return None
 
 
+def vit_inputs(model: star.Star, config, images_u8: np.ndarray):
+    """The ViT's inputs for uint8 images [B, H, W, 3] (any size; resized to data.vit_image_size):
+    (pixels float32 [B, P, patch_dim], grid_thw of one image, the batch's `tasks.vit_layout_for`)."""
+    from star_jax import tasks
+    from star_jax.models import vision_preprocess
+
+    vcfg = model.vision_cfg
+    size = config.data.vit_image_size
+    resized = [np.asarray(to_uint8(x)) for x in to_float(images_u8, size)]
+    pixels, grid = vision_preprocess.preprocess(
+        resized,
+        min_pixels=size * size,
+        max_pixels=size * size,
+        patch_size=vcfg.patch_size,
+        merge_size=vcfg.spatial_merge_size,
+        temporal_patch_size=vcfg.temporal_patch_size,
+    )
+    grid = tuple(int(v) for v in grid[0])
+    layout = tasks.vit_layout_for(config, len(images_u8))
+    return pixels.reshape(len(images_u8), -1, pixels.shape[-1]), grid, layout
+
+
 class StarRunner:
     """Inference over a workdir's newest generation / editing checkpoint."""
 
@@ -100,23 +122,7 @@ class StarRunner:
         return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
     def _vit_inputs(self, images_u8: np.ndarray):
-        from star_jax import tasks
-        from star_jax.models import vision_preprocess
-
-        vcfg = self.model.vision_cfg
-        size = self.config.data.vit_image_size
-        resized = [np.asarray(to_uint8(x)) for x in to_float(images_u8, size)]
-        pixels, grid = vision_preprocess.preprocess(
-            resized,
-            min_pixels=size * size,
-            max_pixels=size * size,
-            patch_size=vcfg.patch_size,
-            merge_size=vcfg.spatial_merge_size,
-            temporal_patch_size=vcfg.temporal_patch_size,
-        )
-        grid = tuple(int(v) for v in grid[0])
-        layout = tasks.vit_layout_for(self.config, len(images_u8))
-        return pixels.reshape(len(images_u8), -1, pixels.shape[-1]), grid, layout
+        return vit_inputs(self.model, self.config, images_u8)
 
     def decode_codes(self, codes) -> np.ndarray:
         """codes [n, N] -> uint8 images [n, H, W, 3] through the VQ decoder."""
