@@ -77,7 +77,9 @@ def test_eval_qa_reproduces_the_reports_understanding(demo, capsys, tmp_path):
     assert {k: r["accuracy"] for k, r in result["per_kind"].items()} == numbers["understanding_before"]["per_kind"]
     assert {k: r["control"] for k, r in result["per_kind"].items()} == numbers["understanding_shuffled"]["per_kind"]
     assert sum(r["n"] for r in result["per_kind"].values()) == config.pipeline.eval.qa
-    assert "| overall | 8 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| overall | 8 |" in printed and "| question form | n |" in printed
+    assert sum(r["n"] for r in result["per_form"].values()) == config.pipeline.eval.qa
     assert eval_cli.main(["star-jax eval", "qa", "--workdir", str(tmp_path / "none")]) == 2
 
 

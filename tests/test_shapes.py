@@ -219,6 +219,43 @@ def test_questions_have_exact_answers():
     assert kinds == set(captions.QA_KINDS)
 
 
+def test_question_forms_are_the_question_templates():
+    forms = {captions.question_form(shapes.make_example("validation", i, "qa")["question"]) for i in range(600)}
+    assert forms == {
+        "how many objects are there?",
+        "how many <shapes> are there?",
+        "how many <colour> <shapes> are there?",
+        "what color is the <shape>?",
+        "what shape is the <colour> object?",
+        "is there a <colour> <shape>?",
+        "is <object> <relation> <object>?",
+        "where is <object> relative to <object>?",
+    }
+    assert captions.question_form("is there an orange cross?") == "is there a <colour> <shape>?"
+    assert captions.question_form("is the circle below the red square?") == "is <object> <relation> <object>?"
+    assert captions.question_form("where in the image is the blue diamond?") == "where in the image is <object>?"
+    assert captions.question_form("describe this image.") == "describe this image."
+
+
+def test_answers_by_form_count_answers_and_predictions():
+    from star_jax.cli import eval as eval_cli
+
+    answers = [
+        ("how many circles are there?", "one", "zero"),
+        ("how many triangles are there?", "zero", "zero"),
+        ("how many squares are there?", "two", "zero"),
+        ("what color is the cross?", "red", "red"),
+    ]
+    forms = eval_cli.answers_by_form(answers, top=2)
+    assert forms["how many <shapes> are there?"] == {
+        "n": 3,
+        "accuracy": 1 / 3,
+        "answers": [["one", 1], ["zero", 1]],
+        "predictions": [["zero", 3]],
+    }
+    assert forms["what color is the <shape>?"]["accuracy"] == 1.0
+
+
 def test_edits_change_exactly_what_they_say():
     rng = np.random.default_rng(4)
     kinds = set()

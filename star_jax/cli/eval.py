@@ -117,7 +117,34 @@ def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: 
     per_kind = {
         k: {"accuracy": v, "control": control["per_kind"][k], "n": counts[k]} for k, v in real["per_kind"].items()
     }
-    return {"per_kind": per_kind, "overall": real["overall"], "control": control["overall"]}
+    return {
+        "per_kind": per_kind,
+        "overall": real["overall"],
+        "control": control["overall"],
+        "per_form": answers_by_form(real["answers"]),
+    }
+
+
+def answers_by_form(answers: list[tuple[str, str, str]], top: int = 3) -> dict:
+    """(question, answer, prediction) triples grouped by `captions.question_form`: {form: {"n",
+    "accuracy", "answers": the `top` most common true answers, "predictions": the `top` most common
+    predictions, each [[text, count], ...]}}. Shows what a base answers from priors (one
+    prediction for every question of a form) and what it reads from the image."""
+    from star_jax.shapes import captions
+
+    groups = collections.defaultdict(list)
+    for q, a, p in answers:
+        groups[captions.question_form(q)].append((a.strip(), p.strip()))
+    common = lambda xs: [list(x) for x in collections.Counter(xs).most_common(top)]  # noqa: E731
+    return {
+        form: {
+            "n": len(v),
+            "accuracy": float(np.mean([a == p for a, p in v])),
+            "answers": common(a for a, _ in v),
+            "predictions": common(p for _, p in v),
+        }
+        for form, v in sorted(groups.items())
+    }
 
 
 def format_qa(result: dict) -> str:
@@ -127,6 +154,17 @@ def format_qa(result: dict) -> str:
         lines.append(f"| {kind} | {r['n']} | {r['accuracy']:.3f} | {r['control']:.3f} |")
     n = sum(r["n"] for r in result["per_kind"].values())
     lines.append(f"| overall | {n} | {result['overall']:.3f} | {result['control']:.3f} |")
+    if result.get("per_form"):
+        lines += [
+            "",
+            "| question form | n | accuracy | most common answers | most common predictions |",
+            "|---|---|---|---|---|",
+        ]
+        show = lambda xs: ", ".join(f"{text!r} {count}" for text, count in xs)  # noqa: E731
+        for form, r in result["per_form"].items():
+            lines.append(
+                f"| {form} | {r['n']} | {r['accuracy']:.3f} | {show(r['answers'])} | {show(r['predictions'])} |"
+            )
     return "\n".join(lines)
 
 

@@ -302,6 +302,30 @@ def grounding_question(
     return None
 
 
+def question_form(question: str) -> str:
+    """The template of a shapes-world question, its names replaced: "how many red circles are
+    there?" -> "how many <colour> <shapes> are there?", "is the circle left of the red square?" ->
+    "is <object> <relation> <object>?" (any reference, "the circle" or "the red circle", is
+    <object> in position and grounding questions). Evaluation groups answers by it."""
+    import re
+
+    words = []
+    for word in question.rstrip("?").split():
+        if word in COLORS:
+            word = "<colour>"
+        elif word in SHAPES:
+            word = "<shape>"
+        elif word in {make_plural(s) for s in SHAPES}:
+            word = "<shapes>"
+        words.append(word)
+    form = " ".join(words)
+    form = re.sub(r"\b(left of|right of|above|below)\b", "<relation>", form)
+    form = re.sub(r"\ban <colour>", "a <colour>", form)
+    if "<relation>" in form or " relative to " in form or form.startswith("where in the image"):
+        form = re.sub(r"the (<colour> )?<shape>", "<object>", form)
+    return form + ("?" if question.endswith("?") else "")
+
+
 # ----------------------------------------------------------------------------- edits
 
 
