@@ -18,7 +18,7 @@ STAGES = ("vq", "vision", "understanding", "generation", "editing")
 # no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
 TRAINABLE = {
     "vq": [r"^vq/", r"^discriminator/"],
-    "vision": [r"^vision/", r"^word_head/", r"^cell_head/", r"^relation_head/"],
+    "vision": [r"^vision/", r"^word_head/", r"^cell_head/", r"^relation_head/", r"^count_head/"],
     "understanding": [r"^base/", r"^vision/"],
     "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
     "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
@@ -100,6 +100,10 @@ def get_config(arg=None):
     # question asks about them) carry no loss. Learns slowly from scratch (the tower must know
     # shapes first): start a relations run from a scene-label tower (README).
     config.data.scene_relations = False
+    # With scene labels: every token also tells how many objects the scene has, and each labelled
+    # token how many objects share its object's shape, and its shape and colour (a count head), so
+    # "how many circles are there?" is read from a circle's tokens as its colour is.
+    config.data.scene_counts = False
     # Shapes world, understanding stream: this fraction of its questions count an object that is in
     # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
     config.data.count_present_fraction = 0.0

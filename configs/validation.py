@@ -154,7 +154,7 @@ def validate(config, num_devices: int | None = None) -> None:
         _fail(
             "data.vision_labels", labels, f"scene cells come from the shapes world, not source={config.data.source!r}"
         )
-    for name in ("scene_centres", "scene_relations"):
+    for name in ("scene_centres", "scene_relations", "scene_counts"):
         if config.get("data", {}).get(name, False) and labels == "caption_words":
             _fail(f"data.{name}", True, "needs scene labels (data.vision_labels='scene_cells' or 'scene_cover')")
     tags = tuple(config.get("data", {}).get("pair_tags", ()))

@@ -23,7 +23,8 @@ N = VQ codes per image, P = ViT patches per image):
                  caption, else 0; V = model.decoder.vocab_size), or scene_cells / scene_cover: cell_shape,
                  cell_color [B, G * G] int32 (shapes world; see `scene_cell_targets`), + cell_centre
                  [B, G * G, 2] float32 with data.scene_centres, + cell_relations [B, G * G, R * S * C]
-                 float32 with data.scene_relations (`object_relations`)
+                 float32 with data.scene_relations (`object_relations`), + cell_counts [B, G * G, 3]
+                 int32 with data.scene_counts (`object_counts`)
   generation     prompt_ids, uncond_ids [B, Tp] int32, prompt_mask [B, Tp] bool, positions [B, 3, Tp + N]
                  int32, and codes [B, N] int32 (pretokenized) or images [B, H, W, 3] float32
   editing        the generation keys + src_mask, vit_mask [B, Tp] bool, pixels [B, P, patch_dim]
@@ -91,6 +92,7 @@ class ExampleSpec:
     vision_labels: str = "caption_words"
     scene_centres: bool = False
     scene_relations: bool = False
+    scene_counts: bool = False
     question_first: bool = False
 
     @classmethod
@@ -120,6 +122,7 @@ class ExampleSpec:
             vision_labels=data.get("vision_labels", "caption_words"),
             scene_centres=bool(data.get("scene_centres", False)),
             scene_relations=bool(data.get("scene_relations", False)),
+            scene_counts=bool(data.get("scene_counts", False)),
             question_first=bool(data.get("question_first", False)),
         )
 
@@ -199,7 +202,9 @@ def scene_cell_objects(objects, grid: int, *, cover: bool = False) -> np.ndarray
     return owner
 
 
-def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bool = False) -> dict[str, np.ndarray]:
+def scene_cell_targets(
+    objects, grid: int, *, cover: bool = False, relations: bool = False, counts: bool = False
+) -> dict[str, np.ndarray]:
     """Dense targets of the vision stage's scene objectives, one per merged ViT token, from the
     object `scene_cell_objects(objects, grid, cover=cover)` gives each cell.
 
@@ -207,7 +212,9 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bo
     0 where no object) and cell_centre [G * G, 2] float32 (that object's centre (x, y) in cells of
     the merged grid, 0 where none; the `data.scene_centres` targets); with relations=True also
     cell_relations [G * G, R * S * C] float32, that object's `object_relations` (1 / 0 / -1 =
-    ignored; 0 where none; the `data.scene_relations` targets).
+    ignored; 0 where none; the `data.scene_relations` targets); with counts=True also cell_counts
+    [G * G, 3] int32, `object_counts` of the cell's object (every cell holds the scene's object count;
+    the two per-object counts are 0 where no object; the `data.scene_counts` targets).
     """
     from star_jax.shapes import scene as scene_lib
 
@@ -218,7 +225,21 @@ def scene_cell_targets(objects, grid: int, *, cover: bool = False, relations: bo
     targets = {"cell_shape": shape_ids[owner], "cell_color": color_ids[owner], "cell_centre": centres[owner]}
     if relations:
         targets["cell_relations"] = object_relations(objects)[owner].reshape(grid * grid, -1)
+    if counts:
+        targets["cell_counts"] = object_counts(objects)[owner]
     return targets
+
+
+def object_counts(objects) -> np.ndarray:
+    """How many objects a question about each object of a shapes-world scene counts: [K + 1, 3]
+    int32 (K objects): the scene's objects, those of the object's shape, those of its shape and
+    colour; the last row (empty cells) is (objects, 0, 0). "How many circles are there?" is a
+    number of a circle's tokens, read as "what color is the circle?" is read; "how many objects are
+    there?" a number of any token."""
+    shapes_ = [o[0] for o in objects]
+    kinds = [(o[0], o[1]) for o in objects]
+    rows = [[len(objects), shapes_.count(o[0]), kinds.count((o[0], o[1]))] for o in objects]
+    return np.array(rows + [[len(objects), 0, 0]], np.int32)
 
 
 def object_relations(objects) -> np.ndarray:
@@ -502,7 +523,9 @@ class PrepareExample:
                 objects = records.decode_objects(records.field(record, "objects"))
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
                 cover = s.vision_labels == "scene_cover"
-                targets = scene_cell_targets(objects, grid, cover=cover, relations=s.scene_relations)
+                targets = scene_cell_targets(
+                    objects, grid, cover=cover, relations=s.scene_relations, counts=s.scene_counts
+                )
                 if not s.scene_centres:
                     del targets["cell_centre"]
                 out |= targets

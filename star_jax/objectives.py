@@ -89,12 +89,16 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
     [B, N, 2] in the batch (data.scene_centres), + the squared error of that object's centre (in
     cells), averaged over the labelled cells; with `cell_relations` [B, N, K] (data.scene_relations),
     + the sigmoid CE of each relation bit (but those labelled -1: relations no question asks),
-    summed over bits and averaged over the labelled cells.
+    summed over bits and averaged over the labelled cells; with `cell_counts` [B, N, 3]
+    (data.scene_counts), + the mean CE of the scene's object count (every cell) and the mean CE of
+    the two counts of the cell's object (same shape; same shape and colour; labelled cells).
 
     Metrics: shape / colour accuracy over the labelled cells, the fraction of images whose every
     cell (empty or not) is labelled right, the centre's mean absolute error (cells), and the relation
-    bits' recall and precision (threshold 1/2, labelled cells, supervised bits)."""
-    shape_logits, color_logits, centre, relation_logits = model.cell_logits(batch, vit_layout)
+    bits' recall and precision (threshold 1/2, labelled cells, supervised bits), and the counts'
+    accuracy (scene count over all cells; object counts over labelled cells)."""
+    out = model.cell_logits(batch, vit_layout)
+    shape_logits, color_logits, centre, relation_logits = out["shape"], out["color"], out["centre"], out["relations"]
     shape_loss, _, _ = cross_entropy(shape_logits, batch["cell_shape"])
     color_loss, _, _ = cross_entropy(color_logits, batch["cell_color"])
     occupied = batch["cell_shape"] > 0
@@ -118,6 +122,14 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
         predicted, truth = (relation_logits > 0) & known, labels > 0.5
         metrics["relation_recall"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(truth), 1)
         metrics["relation_precision"] = jnp.sum(predicted & truth) / jnp.maximum(jnp.sum(predicted), 1)
+    if "cell_counts" in batch:
+        labels = batch["cell_counts"]
+        scene_loss, scene_ok, _ = cross_entropy(out["counts"][..., 0, :], labels[..., 0])
+        object_labels = jnp.where(occupied[..., None], labels[..., 1:], -1)
+        object_loss, object_ok, _ = cross_entropy(out["counts"][..., 1:, :], object_labels)
+        loss = loss + scene_loss + object_loss
+        metrics["scene_count_accuracy"] = scene_ok
+        metrics["object_count_accuracy"] = object_ok
     return loss, metrics
 
 

@@ -18,9 +18,12 @@ def _examples(num=240, split="validation"):
 def _oracle_outputs(examples, *, cover=True, flip=None):
     """The heads' outputs that the labels themselves give; `flip` maps each relation's bits to another's."""
     rel = len(scene_lib.RELATIONS)
-    rows = {k: [] for k in ("shape", "color", "centre", "relations")}
+    rows = {k: [] for k in ("shape", "color", "centre", "relations", "counts")}
     for ex in examples:
-        t = input_pipeline.scene_cell_targets(tower.scene_objects(ex["scene"]), GRID, cover=cover, relations=True)
+        t = input_pipeline.scene_cell_targets(
+            tower.scene_objects(ex["scene"]), GRID, cover=cover, relations=True, counts=True
+        )
+        rows["counts"].append(np.eye(scene_lib.DEFAULT_WORLD.max_objects + 1)[t["cell_counts"]] * 10)
         rows["shape"].append(np.eye(len(scene_lib.SHAPES) + 1)[t["cell_shape"]] * 10)
         rows["color"].append(np.eye(len(scene_lib.COLORS) + 1)[t["cell_color"]] * 10)
         rows["centre"].append(t["cell_centre"])
@@ -43,6 +46,15 @@ def test_oracle_outputs_score_perfectly_and_answer_every_position_question():
     # Every question whose B owns a token is answered right (B owns none only when two centres share a cell).
     right = pos["yes_no"][0] * pos["yes_no"][1] + pos["where"][0] * pos["where"][1]
     assert right == pytest.approx(asked - pos["unanswered"]) and pos["unanswered"] <= 2
+    assert result["scene_count_accuracy"] == 1.0 and result["object_count_accuracy"] == 1.0
+    # Count questions read at their objects' tokens: right unless an object owns no token.
+    assert set(result["count"]) == {
+        "how many objects are there?",
+        "how many <shapes> are there?",
+        "how many <colour> <shapes> are there?",
+    }
+    assert all(n > 5 and acc >= 0.95 for n, acc in result["count"].values())
+    assert "how many <shapes> are there? (" in tower.format_probe(result)
 
 
 def test_bits_read_from_the_wrong_relation_answer_badly():
@@ -72,9 +84,9 @@ def test_question_parts_name_the_objects_the_world_asked_about():
 def test_scene_cells_labelling_and_no_relations():
     examples = _examples(40)
     outputs = _oracle_outputs(examples, cover=False)
-    outputs["relations"] = outputs["relations"][..., :0]
+    outputs["relations"], outputs["counts"] = outputs["relations"][..., :0], outputs["counts"][:, :, :0]
     result = tower.score(outputs, examples, cover=False)
-    assert "position" not in result and result["shape_accuracy"] == 1.0
+    assert "position" not in result and "count" not in result and result["shape_accuracy"] == 1.0
     assert result["cells"] == sum(
         (input_pipeline.scene_cell_objects(tower.scene_objects(e["scene"]), GRID) >= 0).sum() for e in examples
     )

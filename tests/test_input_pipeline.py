@@ -494,7 +494,42 @@ def test_restore_with_two_workers_and_bad_records(tmp_path):
     assert resumed.stats() == stats
 
 
-@pytest.mark.parametrize("name", ["scene_centres", "scene_relations"])
+def test_count_targets_answer_every_count_question_of_the_world():
+    # Two red circles and a blue circle: the scene has 3, each circle 3 circles, the red ones 2 red circles.
+    objects = [
+        ["circle", "red", 0.15, 0.15, 0.2],
+        ["circle", "red", 0.85, 0.15, 0.2],
+        ["circle", "blue", 0.5, 0.85, 0.2],
+    ]
+    np.testing.assert_array_equal(input_pipeline.object_counts(objects), [[3, 3, 2], [3, 3, 2], [3, 3, 1], [3, 0, 0]])
+    targets = input_pipeline.scene_cell_targets(objects, 4, cover=True, counts=True)["cell_counts"]
+    owner = input_pipeline.scene_cell_objects(objects, 4, cover=True)
+    assert targets.shape == (16, 3) and targets.dtype == np.int32
+    assert (targets[:, 0] == 3).all() and (targets[owner < 0, 1:] == 0).all()
+    # Read at any token of a counted object, the targets answer the world's own count questions.
+    from star_jax.shapes import captions
+
+    checked = 0
+    for i in range(300):
+        ex = shapes.make_example("validation", i, "qa", resolution=32)
+        if ex["qa_kind"] != "count":
+            continue
+        objs = [[o.shape, o.color, o.x, o.y, o.size] for o in ex["scene"].objects]
+        counts = input_pipeline.object_counts(objs)
+        words = ex["question"].split()
+        if words[2] == "objects":
+            got = counts[-1, 0]
+        else:
+            color = words[2] if len(words) == 6 else None
+            kinds = [k for k, o in enumerate(objs) if captions.make_plural(o[0]) == words[-3]]
+            kinds = [k for k in kinds if color is None or objs[k][1] == color]
+            got = counts[kinds[0], 1 if color is None else 2] if kinds else 0
+        assert captions.NUMBERS[got] == ex["answer"], ex["question"]
+        checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("name", ["scene_centres", "scene_relations", "scene_counts"])
 def test_scene_centres_and_relations_need_scene_labels(name):
     from star_jax.configs import validation
 

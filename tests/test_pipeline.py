@@ -116,13 +116,14 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
 
 def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE
-    and the vision stage on scene cells with relation bits; its prompts put the question before the
-    image."""
+    and the vision stage on scene cells with relation bits and counts; its prompts put the question
+    before the image."""
     config = _tiny_config()
     config.pipeline.stages = ("vision", "understanding")
     config.model.decoder.mrope_interleaved = True
     config.data.vision_labels = "scene_cells"
     config.data.scene_relations = True
+    config.data.scene_counts = True
     config.data.question_first = True
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
@@ -141,6 +142,8 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     assert all(0.0 <= row["relation_recall"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert saved["cell_head/kernel"].shape[-1] == 5 + 10 + 4  # shapes, colours (+ none each), centre
     assert saved["relation_head/kernel"].shape[-1] == 4 * 5 * 10  # relations x shapes x colours
+    assert saved["count_head/kernel"].shape[-1] == 3 * 5  # 3 counts of 0..4 objects
+    assert all(0.0 <= row["object_count_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     # The runner answers with the layout the base was trained on (the stage's saved config).
     from star_jax.decode.runner import StarRunner
 
@@ -165,6 +168,7 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     assert eval_cli.main(argv + ["--tower", "understanding"]) == 0
     result = json.load(open(out))
     assert 0 <= result["shape_accuracy"] <= 1 and 0 <= result["relation_recall"] <= 1 and "position" in result
+    assert 0 <= result["scene_count_accuracy"] <= 1 and "count" in result
     assert eval_cli.main(argv[:-2] + ["--tower", "generation"]) == 2
 
 

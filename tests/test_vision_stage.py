@@ -42,7 +42,8 @@ class _FixedCells:
         self.logits = tuple(jnp.asarray(x, jnp.float32) for x in (shape_logits, color_logits, centre, relations))
 
     def cell_logits(self, batch, vit_layout=None):
-        return self.logits
+        counts = jnp.zeros(self.logits[0].shape[:2] + (0, 5), jnp.float32)
+        return dict(zip(("shape", "color", "centre", "relations", "counts"), self.logits + (counts,)))
 
 
 def test_scene_cells_loss_is_two_cross_entropies_and_scores_occupied_cells():
@@ -105,6 +106,37 @@ def test_scene_cells_loss_adds_the_relation_bits_of_labelled_cells():
     predicted, truth = (relation_logits > 0) & known, bits > 0.5
     np.testing.assert_allclose(m["relation_recall"], (predicted & truth).sum() / truth.sum(), rtol=1e-6)
     np.testing.assert_allclose(m["relation_precision"], (predicted & truth).sum() / predicted.sum(), rtol=1e-6)
+
+
+def test_count_loss_is_the_scene_count_and_object_counts_cross_entropies():
+    rng = np.random.default_rng(1)
+    b, n, m = 2, 4, 5
+    shape_logits, color_logits = np.zeros((b, n, 6), np.float32), np.zeros((b, n, 11), np.float32)
+    counts = rng.normal(size=(b, n, 3, m)).astype(np.float32) * 3
+    cell_shape = np.array([[0, 2, 0, 5], [1, 0, 0, 0]], np.int32)
+    labels = np.array([[[2, 0, 0], [2, 1, 1], [2, 0, 0], [2, 1, 1]], [[1, 1, 1], [1, 0, 0], [1, 0, 0], [1, 0, 0]]])
+
+    class Model:
+        def cell_logits(self, batch, vit_layout=None):
+            zeros = lambda *s: jnp.zeros((b, n, *s), jnp.float32)  # noqa: E731
+            return {
+                "shape": jnp.asarray(shape_logits),
+                "color": jnp.asarray(color_logits),
+                "centre": zeros(2),
+                "relations": zeros(0),
+                "counts": jnp.asarray(counts),
+            }
+
+    batch = {"cell_shape": cell_shape, "cell_color": cell_shape, "cell_counts": labels.astype(np.int32)}
+    loss, m_ = objectives.scene_cells_loss(Model(), batch, None, 0)
+    base, _ = objectives.scene_cells_loss(Model(), {"cell_shape": cell_shape, "cell_color": cell_shape}, None, 0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(counts, labels)  # [b, n, 3]
+    occupied = cell_shape > 0
+    expected = ce[..., 0].mean() + ce[..., 1:][occupied].mean()
+    np.testing.assert_allclose(loss - base, expected, rtol=1e-5)
+    guess = counts.argmax(-1) == labels
+    assert float(m_["scene_count_accuracy"]) == pytest.approx(guess[..., 0].mean())
+    assert float(m_["object_count_accuracy"]) == pytest.approx(guess[..., 1:][occupied].mean())
 
 
 def test_a_scene_label_tower_holds_every_param_of_a_relations_run_but_its_relation_head():

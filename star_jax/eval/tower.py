@@ -2,7 +2,8 @@
 
 The vision stage trains the ViT with per-token scene heads (`cell_head`: the shape, colour and
 centre of the object a merged token belongs to; `relation_head` with data.scene_relations: which
-objects stand in which relation to it). Read on validation scenes they say what the tower's output
+objects stand in which relation to it; `count_head` with data.scene_counts: how many objects the
+scene, and the object's kind, have). Read on validation scenes they say what the tower's output
 tokens (the tokens the decoder sees) carry, and read after the understanding stage, with the
 vision stage's heads on the later tower, how much of it the joint stage kept:
 
@@ -74,34 +75,77 @@ def scene_objects(scene) -> list[list]:
     return [[o.shape, o.color, o.x, o.y, o.size] for o in scene.objects]
 
 
+def count_answer_from_heads(count_logits: np.ndarray, owner: np.ndarray, scene, question: str) -> str:
+    """The answer the count head gives to a shapes-world count question about one image, read at
+    the tokens of the objects it asks about (the lookup is given: these are the true objects').
+
+    count_logits: [N, 3, M + 1] float (scene count, same-shape count, same-kind count); owner: [N]
+    int as in `position_answer_from_bits`. "how many objects": the scene count's mean logits over
+    every token; "how many (<colour>) <shape>s": the matching count's mean over the tokens of the
+    objects of that kind ("zero" when the scene has none, or none owns a token).
+    """
+    from star_jax.shapes import captions
+
+    if question == "how many objects are there?":
+        return captions.NUMBERS[int(np.argmax(count_logits[:, 0].mean(0)))]
+    m = re.fullmatch(r"how many (?:(\w+) )?(\w+) are there\?", question)
+    if not m:
+        raise ValueError(f"question {question!r} is not a shapes-world count question")
+    color, noun = m.groups()
+    kinds = [
+        k
+        for k, o in enumerate(scene.objects)
+        if captions.make_plural(o.shape) == noun and (color is None or o.color == color)
+    ]
+    cells = np.flatnonzero(np.isin(owner, kinds))
+    if not len(cells):
+        return "zero"
+    return captions.NUMBERS[int(np.argmax(count_logits[cells, 1 if color is None else 2].mean(0)))]
+
+
 def score(outputs: dict[str, np.ndarray], examples: list[dict], *, cover: bool) -> dict:
     """Scores the vision heads' outputs on shapes-world QA examples (`shapes.make_example(.., "qa")`).
 
-    outputs: "shape" [B, N, S + 1], "color" [B, N, C + 1] logits (class 0 = none), "centre"
-    [B, N, 2] (cells), "relations" [B, N, R * S * C] logits (zero width without relations), one row
-    per example; cover: the labelling (data.vision_labels == "scene_cover").
+    outputs (`Star.cell_logits`, one row per example): "shape" [B, N, S + 1], "color"
+    [B, N, C + 1] logits (class 0 = none), "centre" [B, N, 2] (cells), "relations" [B, N, R * S * C]
+    logits (zero width without relations), "counts" [B, N, 3, M + 1] logits (3 = 0 without counts);
+    cover: the labelling (data.vision_labels == "scene_cover").
     Returns {"cells": labelled cells, "shape_accuracy", "color_accuracy", "centre_error" (mean abs,
-    cells), and with relations "relation_recall", "relation_precision" (bits labelled -1 not
-    counted), "position": {"yes_no": [n, accuracy], "where": [n, accuracy], "overall": accuracy,
-    "unanswered": questions whose B owns no token (scored wrong)}}.
+    cells); with relations "relation_recall", "relation_precision" (bits labelled -1 not counted),
+    "position": {"yes_no": [n, accuracy], "where": [n, accuracy], "overall": accuracy,
+    "unanswered": questions whose B owns no token (scored wrong)}; with counts
+    "scene_count_accuracy" (every cell), "object_count_accuracy" (labelled cells, both counts),
+    "count": {question form: [n, accuracy of `count_answer_from_heads`]}}.
     """
+    from star_jax.shapes import captions
+
     num_tokens = outputs["shape"].shape[1]
     grid = int(round(np.sqrt(num_tokens)))
     if grid * grid != num_tokens:
         raise ValueError(f"{num_tokens} merged tokens per image: not a square grid")
     has_relations = outputs["relations"].shape[-1] > 0
-    shape_ok, color_ok, centre_err = [], [], []
+    has_counts = "counts" in outputs and outputs["counts"].shape[2] > 0
+    shape_ok, color_ok, centre_err, scene_count_ok, object_count_ok = [], [], [], [], []
     tp = predicted = truth = 0
     asked = {"yes_no": [], "where": []}
+    counted: dict[str, list[bool]] = {}
     unanswered = 0
     dims = (len(scene_lib.RELATIONS), len(scene_lib.SHAPES), len(scene_lib.COLORS))
     for i, ex in enumerate(examples):
         objects = scene_objects(ex["scene"])
-        t = input_pipeline.scene_cell_targets(objects, grid, cover=cover, relations=has_relations)
+        t = input_pipeline.scene_cell_targets(objects, grid, cover=cover, relations=has_relations, counts=has_counts)
+        owner = input_pipeline.scene_cell_objects(objects, grid, cover=cover)
         labelled = t["cell_shape"] > 0
         shape_ok.append(np.argmax(outputs["shape"][i], -1)[labelled] == t["cell_shape"][labelled])
         color_ok.append(np.argmax(outputs["color"][i], -1)[labelled] == t["cell_color"][labelled])
         centre_err.append(np.abs(outputs["centre"][i][labelled] - t["cell_centre"][labelled]).ravel())
+        if has_counts:
+            guess = np.argmax(outputs["counts"][i], -1)
+            scene_count_ok.append(guess[:, 0] == t["cell_counts"][:, 0])
+            object_count_ok.append((guess[:, 1:] == t["cell_counts"][:, 1:])[labelled].ravel())
+            if ex["qa_kind"] == "count":
+                answer = count_answer_from_heads(outputs["counts"][i], owner, ex["scene"], ex["question"])
+                counted.setdefault(captions.question_form(ex["question"]), []).append(answer == ex["answer"])
         if not has_relations:
             continue
         labels, logits = t["cell_relations"][labelled], outputs["relations"][i][labelled]
@@ -111,7 +155,6 @@ def score(outputs: dict[str, np.ndarray], examples: list[dict], *, cover: bool) 
         truth += int(np.sum(yes))
         if ex["qa_kind"] != "position":
             continue
-        owner = input_pipeline.scene_cell_objects(objects, grid, cover=cover)
         relation_logits = outputs["relations"][i].reshape(num_tokens, *dims)
         answer = position_answer_from_bits(relation_logits, owner, ex["scene"], ex["question"])
         unanswered += answer is None
@@ -134,6 +177,12 @@ def score(outputs: dict[str, np.ndarray], examples: list[dict], *, cover: bool) 
                 "unanswered": unanswered,
             },
         )
+    if has_counts:
+        result.update(
+            scene_count_accuracy=float(np.mean(np.concatenate(scene_count_ok))),
+            object_count_accuracy=float(np.mean(np.concatenate(object_count_ok))),
+            count={form: [len(v), float(np.mean(v))] for form, v in sorted(counted.items())},
+        )
     return result
 
 
@@ -147,9 +196,8 @@ def tower_outputs(model, config, images: np.ndarray, *, batch: int = 64) -> dict
     parts = []
     for start in range(0, len(images), batch):
         pixels, _, layout = runner.vit_inputs(model, config, images[start : start + batch])
-        parts.append([np.asarray(x) for x in model.cell_logits({"pixels": jnp.asarray(pixels)}, layout)])
-    names = ("shape", "color", "centre", "relations")
-    return {name: np.concatenate([p[k] for p in parts]) for k, name in enumerate(names)}
+        parts.append({k: np.asarray(v) for k, v in model.cell_logits({"pixels": jnp.asarray(pixels)}, layout).items()})
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def load_tower(workdir: str, tower_stage: str | None = None):
@@ -213,5 +261,13 @@ def format_probe(result: dict) -> str:
             f"| position questions, yes / no ({pos['yes_no'][0]}) | {pos['yes_no'][1]:.3f} |",
             f"| position questions, where ({pos['where'][0]}) | {pos['where'][1]:.3f} |",
             f"| position questions, overall ({pos['unanswered']} unanswered) | {pos['overall']:.3f} |",
+        ]
+    if "count" in result:
+        lines += [
+            f"| scene count accuracy (every cell) | {result['scene_count_accuracy']:.3f} |",
+            f"| object count accuracy (labelled cells) | {result['object_count_accuracy']:.3f} |",
+        ]
+        lines += [
+            f"| {form} ({n}), read at its objects' tokens | {acc:.3f} |" for form, (n, acc) in result["count"].items()
         ]
     return "\n".join(lines)

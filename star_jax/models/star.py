@@ -16,6 +16,8 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   relation_head/... Linear(ViT out width -> relations x shapes x colours) with bias: the `vision`
                     stage's per-token relation bits (data.scene_relations); its own head, so a
                     tower trained on scene labels alone can start a relations run
+  count_head/...    Linear(ViT out width -> 3 x (max objects + 1)) with bias: the `vision` stage's
+                    per-token object counts (data.scene_counts), likewise its own head
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -39,6 +41,8 @@ from star_jax.shapes import scene as shapes_scene
 # Classes of the `cell_head` (without "none"): the shapes world's vocabulary.
 CELL_SHAPES, CELL_COLORS = len(shapes_scene.SHAPES), len(shapes_scene.COLORS)
 CELL_RELATIONS = len(shapes_scene.RELATIONS) * CELL_SHAPES * CELL_COLORS  # data.scene_relations bits
+# data.scene_counts: (scene objects, same shape, same shape and colour), each a class in 0..max.
+CELL_COUNTS, CELL_COUNT_CLASSES = 3, shapes_scene.DEFAULT_WORLD.max_objects + 1
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
 STAGE_COMPONENTS = {
     "vq": ("vq", "discriminator"),
@@ -120,6 +124,7 @@ class Star(nnx.Module):
         disc_cfg=None,
         components: tuple[str, ...] = ALL_COMPONENTS,
         cell_relations: bool = False,
+        cell_counts: bool = False,
         rngs: nnx.Rngs,
     ):
         unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head", "cell_head"}
@@ -157,6 +162,17 @@ class Star(nnx.Module):
                     kernel_init=nnx.initializers.zeros,
                     # Few of the bits are set (about 1 %): start every sigmoid near 1 / K.
                     bias_init=nnx.initializers.constant(-float(np.log(CELL_RELATIONS))),
+                    rngs=rngs,
+                )
+            if cell_counts:
+                self.count_head = layers.Dense(
+                    vision_cfg.out_hidden_size,
+                    CELL_COUNTS * CELL_COUNT_CLASSES,
+                    ("embed", None),
+                    use_bias=True,
+                    dtype=dt,
+                    param_dtype=pdt,
+                    kernel_init=nnx.initializers.zeros,
                     rngs=rngs,
                 )
         if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
@@ -246,11 +262,13 @@ class Star(nnx.Module):
         pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
         return self.word_head(pooled).astype(jnp.float32)
 
-    def cell_logits(self, batch: dict, vit_layout=None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Vision stage (scene labels): per merged ViT token, logits of the shape [B, N, S + 1] and
-        colour [B, N, C + 1] of the object labelling its cell (class 0 = none), that object's
-        predicted centre [B, N, 2] (x, y in cells of the merged grid), and the logits [B, N, K] of
-        its relation bits (K = CELL_RELATIONS with data.scene_relations, else 0); all float32."""
+    def cell_logits(self, batch: dict, vit_layout=None) -> dict[str, jax.Array]:
+        """Vision stage (scene labels), per merged ViT token (float32): "shape" [B, N, S + 1] and
+        "color" [B, N, C + 1] logits of the object labelling its cell (class 0 = none), "centre"
+        [B, N, 2] that object's predicted centre (x, y in cells of the merged grid), "relations"
+        [B, N, K] logits of its relation bits (K = CELL_RELATIONS with data.scene_relations, else 0)
+        and "counts" [B, N, 3, M + 1] logits of its object counts (M = the world's most objects;
+        3 = 0 without data.scene_counts)."""
         tokens = self.vit_embeds(batch["pixels"], vit_layout)
         logits = self.cell_head(tokens).astype(jnp.float32)
         colors_end = CELL_SHAPES + CELL_COLORS + 2
@@ -258,12 +276,17 @@ class Star(nnx.Module):
             relations = self.relation_head(tokens).astype(jnp.float32)
         else:
             relations = jnp.zeros(logits.shape[:-1] + (0,), jnp.float32)
-        return (
-            logits[..., : CELL_SHAPES + 1],
-            logits[..., CELL_SHAPES + 1 : colors_end],
-            logits[..., colors_end:],
-            relations,
-        )
+        if hasattr(self, "count_head"):
+            counts = self.count_head(tokens).astype(jnp.float32).reshape(*logits.shape[:-1], CELL_COUNTS, -1)
+        else:
+            counts = jnp.zeros(logits.shape[:-1] + (0, CELL_COUNT_CLASSES), jnp.float32)
+        return {
+            "shape": logits[..., : CELL_SHAPES + 1],
+            "color": logits[..., CELL_SHAPES + 1 : colors_end],
+            "centre": logits[..., colors_end:],
+            "relations": relations,
+            "counts": counts,
+        }
 
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
@@ -327,6 +350,7 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
         disc_cfg=disc_cfg,
         components=components,
         cell_relations=bool(config.get("data", {}).get("scene_relations", False)),
+        cell_counts=bool(config.get("data", {}).get("scene_counts", False)),
         rngs=rngs,
     )
 
