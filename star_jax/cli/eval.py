@@ -168,15 +168,15 @@ def format_qa(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _qa_main(argv: list[str]) -> int:
+def _workdir_main(argv: list[str], name: str, description: str, workdir_help: str, num_help: str, add, run, fmt) -> int:
+    """A workdir subcommand (`qa`, `tower`): its own flags (`add(parser)`), then `run(args)` ->
+    result, optionally written as JSON, printed with `fmt`. A bad workdir exits 2 with the reason."""
     p = argparse.ArgumentParser(
-        prog=f"{argv[0]} qa", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=f"{argv[0]} {name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--workdir", required=True, help="a run's workdir")
-    p.add_argument(
-        "--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)"
-    )
-    p.add_argument("--num", type=int, default=480, help="questions")
+    p.add_argument("--workdir", required=True, help=workdir_help)
+    add(p)
+    p.add_argument("--num", type=int, default=480, help=num_help)
     p.add_argument("--split", default="validation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", help="write the result as JSON here")
@@ -186,46 +186,49 @@ def _qa_main(argv: list[str]) -> int:
     from star_jax.decode.runner import WorkdirError
 
     try:
-        result = question_answering(args.workdir, stage=args.stage, num=args.num, split=args.split, seed=args.seed)
+        result = run(args)
     except WorkdirError as e:
-        print(f"{argv[0]} qa: {e}", file=sys.stderr)
+        print(f"{argv[0]} {name}: {e}", file=sys.stderr)
         return 2
     if args.results:
         with open(args.results, "w") as f:
             json.dump(result, f, indent=1)
-    print(format_qa(result))
+    print(fmt(result))
     return 0
+
+
+def _qa_main(argv: list[str]) -> int:
+    return _workdir_main(
+        argv,
+        "qa",
+        __doc__,
+        "a run's workdir",
+        "questions",
+        lambda p: p.add_argument(
+            "--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)"
+        ),
+        lambda a: question_answering(a.workdir, stage=a.stage, num=a.num, split=a.split, seed=a.seed),
+        format_qa,
+    )
 
 
 def _tower_main(argv: list[str]) -> int:
     from star_jax.eval import tower
 
-    p = argparse.ArgumentParser(
-        prog=f"{argv[0]} tower", description=tower.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    return _workdir_main(
+        argv,
+        "tower",
+        tower.__doc__,
+        "a run's workdir with a vision stage trained on scene labels",
+        "validation QA examples (their images and questions)",
+        lambda p: p.add_argument(
+            "--tower",
+            default=None,
+            help="read the tower as this later stage left it (e.g. understanding); default: vision",
+        ),
+        lambda a: tower.probe(a.workdir, tower_stage=a.tower, num=a.num, split=a.split, seed=a.seed),
+        tower.format_probe,
     )
-    p.add_argument("--workdir", required=True, help="a run's workdir with a vision stage trained on scene labels")
-    p.add_argument(
-        "--tower", default=None, help="read the tower as this later stage left it (e.g. understanding); default: vision"
-    )
-    p.add_argument("--num", type=int, default=480, help="validation QA examples (their images and position questions)")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", help="write the result as JSON here")
-    args = p.parse_args(argv[2:])
-    if args.num < 1:
-        p.error(f"--num must be >= 1, got {args.num}")
-    from star_jax.decode.runner import WorkdirError
-
-    try:
-        result = tower.probe(args.workdir, tower_stage=args.tower, num=args.num, split=args.split, seed=args.seed)
-    except WorkdirError as e:
-        print(f"{argv[0]} tower: {e}", file=sys.stderr)
-        return 2
-    if args.results:
-        with open(args.results, "w") as f:
-            json.dump(result, f, indent=1)
-    print(tower.format_probe(result))
-    return 0
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -124,7 +124,7 @@ def score(outputs: dict[str, np.ndarray], examples: list[dict], *, cover: bool) 
     if grid * grid != num_tokens:
         raise ValueError(f"{num_tokens} merged tokens per image: not a square grid")
     has_relations = outputs["relations"].shape[-1] > 0
-    has_counts = "counts" in outputs and outputs["counts"].shape[2] > 0
+    has_counts = outputs["counts"].shape[2] > 0
     shape_ok, color_ok, centre_err, scene_count_ok, object_count_ok = [], [], [], [], []
     tp = predicted = truth = 0
     asked = {"yes_no": [], "where": []}

@@ -140,41 +140,25 @@ class Star(nnx.Module):
 
             self.vision = vision.VisionTower(vision_cfg, rngs=rngs)
             self.vision_cfg = vision_cfg
-        if "cell_head" in components:  # the vision stage's per-token scene classifier
-            self.cell_head = layers.Dense(
+        if "cell_head" in components:  # the vision stage's per-token scene heads, zero-initialised
+            token_head = lambda width, **kw: layers.Dense(  # noqa: E731
                 vision_cfg.out_hidden_size,
-                CELL_SHAPES + CELL_COLORS + 4,  # + none, none, centre (x, y)
+                width,
                 ("embed", None),
                 use_bias=True,
                 dtype=dt,
                 param_dtype=pdt,
                 kernel_init=nnx.initializers.zeros,
                 rngs=rngs,
+                **kw,
             )
+            self.cell_head = token_head(CELL_SHAPES + CELL_COLORS + 4)  # + none, none, centre (x, y)
             if cell_relations:
-                self.relation_head = layers.Dense(
-                    vision_cfg.out_hidden_size,
-                    CELL_RELATIONS,
-                    ("embed", None),
-                    use_bias=True,
-                    dtype=dt,
-                    param_dtype=pdt,
-                    kernel_init=nnx.initializers.zeros,
-                    # Few of the bits are set (about 1 %): start every sigmoid near 1 / K.
-                    bias_init=nnx.initializers.constant(-float(np.log(CELL_RELATIONS))),
-                    rngs=rngs,
-                )
+                # Few of the bits are set (about 1 %): start every sigmoid near 1 / K.
+                bias = nnx.initializers.constant(-float(np.log(CELL_RELATIONS)))
+                self.relation_head = token_head(CELL_RELATIONS, bias_init=bias)
             if cell_counts:
-                self.count_head = layers.Dense(
-                    vision_cfg.out_hidden_size,
-                    CELL_COUNTS * CELL_COUNT_CLASSES,
-                    ("embed", None),
-                    use_bias=True,
-                    dtype=dt,
-                    param_dtype=pdt,
-                    kernel_init=nnx.initializers.zeros,
-                    rngs=rngs,
-                )
+                self.count_head = token_head(CELL_COUNTS * CELL_COUNT_CLASSES)
         if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
             self.word_head = layers.Dense(
                 vision_cfg.out_hidden_size,
