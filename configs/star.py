@@ -114,6 +114,10 @@ def get_config(arg=None):
     # where an object is ("where in the image is the red circle?" -> "(3, 7)", its centre in tenths of
     # the image): grounding data, as Qwen-VL trains on, for the lookup position questions compose.
     config.data.grounding_fraction = 0.0
+    # Shapes world, understanding stream: position answers name both objects' points first, "is the
+    # red circle left of the square?" -> "(3, 7) (6, 2): no" (grounding, then the comparison, as a
+    # chain of thought); the evaluation scores what follows the last ':'.
+    config.data.position_reasoning = False
     # Understanding prompts put the image after the question (Qwen accepts either order): causal
     # image tokens then see the question, so each can mark itself as asked about.
     config.data.question_first = False

@@ -122,6 +122,12 @@ def validate(config, num_devices: int | None = None) -> None:
             _fail(f"data.{name}", fraction, "must be in [0, 1]")
         if fraction and config.data.source != "shapes":
             _fail(f"data.{name}", fraction, f"{what} come from the shapes world, not source={config.data.source!r}")
+    if config.get("data", {}).get("position_reasoning", False) and config.data.source != "shapes":
+        _fail(
+            "data.position_reasoning",
+            True,
+            f"reasoned answers come from the shapes world, not source={config.data.source!r}",
+        )
     per_image = config.get("data", {}).get("qa_per_image", 1)
     if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
         _fail("data.qa_per_image", per_image, "must be an integer >= 1")

@@ -283,6 +283,8 @@ class ShapesSource:
     object is (`captions.grounding_question`: "where in the image is the red circle?" -> "(3, 7)").
     `qa_kind_weights` (one per `captions.QA_KINDS`; empty = uniform) redraws the QA records'
     questions (and follow-ups) with those kind frequencies: the training mixture, not the evaluation's.
+    `position_reasoning`: position answers (first and follow-ups) give both objects' points first
+    (`captions.reason_about_position`: "(3, 7) (6, 2): no"); evaluation scores the final answer.
     Pairs: `pair_tags` restricts them to those tags (index i gets pair_tags[i % len]; empty = all).
     """
 
@@ -300,8 +302,10 @@ class ShapesSource:
         count_present_fraction: float = 0.0,
         qa_kind_weights: tuple[float, ...] = (),
         grounding_fraction: float = 0.0,
+        position_reasoning: bool = False,
     ):
         self.count_present_fraction, self.grounding_fraction = count_present_fraction, grounding_fraction
+        self.position_reasoning = position_reasoning
         self.qa_kind_weights = tuple(qa_kind_weights) or None
         self.split, self.kind, self.num_examples = split, kind, num_examples
         self.resolution, self.seed, self.caption_fraction = resolution, seed, caption_fraction
@@ -329,7 +333,8 @@ class ShapesSource:
             if grounding is not None and ex["question"] != CAPTION_QUESTION:
                 q, a = self._maybe_grounding(grounding, ex, ex["question"], ex["answer"])
                 ex = ex | {"question": q, "answer": a}
-            record = {"image": ex["image"], "question": ex["question"], "answer": ex["answer"]}
+            answer = self._reasoned(ex, ex["question"], ex["answer"])
+            record = {"image": ex["image"], "question": ex["question"], "answer": answer}
             if self.qa_per_image > 1:
                 record["follow_ups"] = records.json_dumps(self._follow_ups(index, ex, grounding))
             return record
@@ -364,8 +369,15 @@ class ShapesSource:
                 q, a = self._maybe_grounding(grounding, ex, q, a)
             if q not in asked:
                 asked.add(q)
-                out.append([q, a])
+                out.append([q, self._reasoned(ex, q, a)])
         return out
+
+    def _reasoned(self, ex: dict, q: str, a: str) -> str:
+        """`a`, or with `position_reasoning` a position question's answer with its grounding first."""
+        from star_jax.shapes import captions
+
+        reasoned = captions.reason_about_position(ex["scene"], q, a) if self.position_reasoning else None
+        return a if reasoned is None else reasoned
 
     def _weighted_question(self, index: int, ex: dict) -> dict:
         """The example's question redrawn with `qa_kind_weights` (a pure function of seed, split, index)."""
@@ -435,6 +447,7 @@ def make_source(config, split: str, spec: ExampleSpec):
             count_present_fraction=data.get("count_present_fraction", 0.0) if understanding else 0.0,
             qa_kind_weights=tuple(data.get("qa_kind_weights", ())) if understanding else (),
             grounding_fraction=data.get("grounding_fraction", 0.0) if understanding else 0.0,
+            position_reasoning=bool(data.get("position_reasoning", False)) and understanding,
         )
         return source, None
     if data.source == "arrayrecord":

@@ -588,6 +588,37 @@ def test_grounding_fraction_asks_where_objects_are():
     ]
 
 
+def test_position_reasoning_grounds_position_answers_first():
+    kw = dict(resolution=32, qa_per_image=3, grounding_fraction=0.25)
+    plain = input_pipeline.ShapesSource("train", "qa", 60, **kw)
+    source = input_pipeline.ShapesSource("train", "qa", 60, position_reasoning=True, **kw)
+    reasoned = 0
+    for i in range(60):
+        scene = shapes.make_example("train", i, "qa", resolution=32)["scene"]
+        record, base = source[i], plain[i]
+        assert record["question"] == base["question"]
+        turns = [(record["question"], record["answer"])] + json.loads(record["follow_ups"])
+        base_turns = [(base["question"], base["answer"])] + json.loads(base["follow_ups"])
+        assert [q for q, _ in turns] == [q for q, _ in base_turns]
+        for (q, a), (_, plain_a) in zip(turns, base_turns):
+            expected = shapes.captions.reason_about_position(scene, q, plain_a)
+            assert a == (expected or plain_a), (q, a)
+            reasoned += expected is not None
+    assert reasoned >= 15, reasoned
+    # The pipeline's config passes it to the understanding stream only.
+    config = make_config("understanding", position_reasoning=True)
+    spec = input_pipeline.ExampleSpec.from_config(config)
+    assert input_pipeline.make_source(config, "train", spec)[0].position_reasoning
+
+
+def test_position_reasoning_is_validated():
+    from star_jax.configs import validation
+
+    config = make_config("understanding", position_reasoning=True, source="arrayrecord", path="/nonexistent")
+    with pytest.raises(validation.ConfigError, match=r"config\.data\.position_reasoning=True.*shapes world"):
+        validation.validate(config)
+
+
 @pytest.mark.parametrize(
     "value, source, message", [(-0.1, "shapes", r"\[0, 1\]"), (0.2, "arrayrecord", "shapes world")]
 )

@@ -306,3 +306,24 @@ def test_understanding_control_asks_about_another_scenes_image():
     assert seen["overall"] == 1.0 and control["overall"] == pytest.approx(expected) and expected < 0.5
     blind = [shapes_world.understanding(Blind(), num=40, shuffle_images=s)["overall"] for s in (False, True)]
     assert blind[0] == blind[1]
+
+
+def test_understanding_scores_the_final_answer_of_a_reasoned_reply():
+    from star_jax.eval import shapes_world
+
+    exs = [shapes.make_example("validation", i, "qa") for i in range(40)]
+    scene_of = {e["image"].tobytes(): e["scene"] for e in exs}
+    answer_of = {e["image"].tobytes(): e["answer"] for e in exs}
+
+    class Reasoner:  # grounds both objects of a position question before answering
+        def understand(self, images, questions, max_new_tokens):
+            assert max_new_tokens >= 12  # a reasoned position reply's tokens, <|im_end|> aside
+            out = []
+            for img, q in zip(images, questions):
+                a = answer_of[img.tobytes()]
+                out.append(shapes.captions.reason_about_position(scene_of[img.tobytes()], q, a) or a)
+            return out
+
+    result = shapes_world.understanding(Reasoner(), num=40, batch=16)
+    assert result["overall"] == 1.0
+    assert any(":" in pred for _, _, pred in result["answers"])  # the whole replies are kept

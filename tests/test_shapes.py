@@ -254,6 +254,48 @@ def test_answers_by_form_count_answers_and_predictions():
         "predictions": [["zero", 3]],
     }
     assert forms["what color is the <shape>?"]["accuracy"] == 1.0
+    # A reasoned reply counts by its final answer.
+    reasoned = eval_cli.answers_by_form([("is the circle left of the square?", "no", "(2, 3) (7, 4): no")])
+    assert reasoned["is <object> <relation> <object>?"] == {
+        "n": 1,
+        "accuracy": 1.0,
+        "answers": [["no", 1]],
+        "predictions": [["no", 1]],
+    }
+
+
+def test_reasoned_position_answers_ground_both_objects_first():
+    red_circle = scene_lib.Obj("circle", "red", 0.21, 0.35, 0.2)
+    square = scene_lib.Obj("square", "blue", 0.76, 0.48, 0.2)
+    scene = scene_lib.Scene((red_circle, square))
+    assert captions.point(red_circle) == "(2, 3)" and captions.point(square) == "(7, 4)"
+    reasoned = captions.reason_about_position(scene, "is the square left of the red circle?", "no")
+    assert reasoned == "(7, 4) (2, 3): no" and captions.final_answer(reasoned) == "no"
+    where = captions.reason_about_position(scene, "where is the red circle relative to the blue square?", "left of")
+    assert where == "(2, 3) (7, 4): left of" and captions.final_answer(where) == "left of"
+    for q, a in (
+        ("is there a red circle?", "yes"),
+        ("what color is the circle?", "red"),
+        ("describe this image.", "x"),
+    ):
+        assert captions.reason_about_position(scene, q, a) is None
+    assert captions.final_answer(" left of ") == "left of" and captions.final_answer("(2, 3)") == "(2, 3)"
+    with pytest.raises(ValueError, match="'the triangle' picks out 0 objects"):
+        captions.referent(scene, "the triangle")
+    # Every validation position question is reasoned: its points are the named objects' grounding
+    # answers, and it ends with the world's answer; no other question is.
+    reasoned_kinds = set()
+    for i in range(300):
+        ex = shapes.make_example("validation", i, "qa")
+        reasoned = captions.reason_about_position(ex["scene"], ex["question"], ex["answer"])
+        reasoned_kinds.add(ex["qa_kind"] if reasoned else None)
+        if reasoned:
+            refs = re.fullmatch(
+                r"(?:is|where is) (the .+?) (?:left of|right of|above|below|relative to) (the .+)\?", ex["question"]
+            )
+            points = [captions.point(captions.referent(ex["scene"], r)) for r in refs.groups()]
+            assert reasoned == f"{points[0]} {points[1]}: {ex['answer']}", (ex["question"], reasoned)
+    assert reasoned_kinds == {"position", None}
 
 
 def test_edits_change_exactly_what_they_say():

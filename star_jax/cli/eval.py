@@ -129,12 +129,13 @@ def answers_by_form(answers: list[tuple[str, str, str]], top: int = 3) -> dict:
     """(question, answer, prediction) triples grouped by `captions.question_form`: {form: {"n",
     "accuracy", "answers": the `top` most common true answers, "predictions": the `top` most common
     predictions, each [[text, count], ...]}}. Shows what a base answers from priors (one
-    prediction for every question of a form) and what it reads from the image."""
+    prediction for every question of a form) and what it reads from the image. Predictions are
+    final answers (`captions.final_answer`), without any reasoning before them."""
     from star_jax.shapes import captions
 
     groups = collections.defaultdict(list)
     for q, a, p in answers:
-        groups[captions.question_form(q)].append((a.strip(), p.strip()))
+        groups[captions.question_form(q)].append((a.strip(), captions.final_answer(p)))
     common = lambda xs: [list(x) for x in collections.Counter(xs).most_common(top)]  # noqa: E731
     return {
         form: {

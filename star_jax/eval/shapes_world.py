@@ -46,9 +46,20 @@ def generation(runner, *, per_task: int, split: str = "validation", seed: int = 
 
 
 def understanding(
-    runner, *, num: int, split: str = "validation", seed: int = 0, batch: int = 32, shuffle_images: bool = False
+    runner,
+    *,
+    num: int,
+    split: str = "validation",
+    seed: int = 0,
+    batch: int = 32,
+    shuffle_images: bool = False,
+    max_new_tokens: int = 16,
 ) -> dict:
     """Exact-match QA accuracy: {"per_kind": {kind: accuracy}, "overall", "answers": [(q, a, pred)], "kinds"}.
+
+    A prediction is scored by its final answer (`captions.final_answer`: after any reasoning such as
+    "(3, 7) (6, 2): no"); "answers" keeps the whole replies. `max_new_tokens` bounds a reply (a
+    reasoned position answer takes 12 tokens, a plain answer 1-2).
 
     shuffle_images: the control that measures what the base answers from priors alone: question i
     is asked about image i + 1 (of another scene), scored against image i's answer.
@@ -60,10 +71,12 @@ def understanding(
     preds = []
     for start in range(0, num, batch):
         chunk = exs[start : start + batch]
-        preds += runner.understand(images[start : start + batch], [e["question"] for e in chunk], max_new_tokens=8)
+        preds += runner.understand(
+            images[start : start + batch], [e["question"] for e in chunk], max_new_tokens=max_new_tokens
+        )
     by_kind: dict[str, list[bool]] = {}
     for e, p in zip(exs, preds):
-        by_kind.setdefault(e["qa_kind"], []).append(p.strip() == e["answer"].strip())
+        by_kind.setdefault(e["qa_kind"], []).append(shapes.captions.final_answer(p) == e["answer"].strip())
     per_kind = {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}
     return {
         "per_kind": per_kind,
