@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import zlib
 
 import numpy as np
@@ -327,3 +328,18 @@ def test_understanding_scores_the_final_answer_of_a_reasoned_reply():
     result = shapes_world.understanding(Reasoner(), num=40, batch=16)
     assert result["overall"] == 1.0
     assert any(":" in pred for _, _, pred in result["answers"])  # the whole replies are kept
+    n = sum(e["qa_kind"] == "position" for e in exs)
+    assert result["reasoning"] == {"replies": n, "points_exact": 1.0, "points_within_one": 1.0}
+
+    class OffByOne(Reasoner):  # the right answer from points one tenth (x of the first) or two off
+        def understand(self, images, questions, max_new_tokens):
+            replies = super().understand(images, questions, max_new_tokens)
+            return [_shift_first_x(r, 1 + i % 2) if ":" in r else r for i, r in enumerate(replies)]
+
+    off = shapes_world.understanding(OffByOne(), num=40, batch=16)
+    assert off["overall"] == 1.0 and off["reasoning"]["points_exact"] == 0.0
+    assert 0.0 < off["reasoning"]["points_within_one"] < 1.0
+
+
+def _shift_first_x(reply: str, by: int) -> str:
+    return re.sub(r"^\((\d)", lambda m: f"({(int(m.group(1)) + by) % 10}", reply)

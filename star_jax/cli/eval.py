@@ -122,6 +122,7 @@ def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: 
         "overall": real["overall"],
         "control": control["overall"],
         "per_form": answers_by_form(real["answers"]),
+        "reasoning": real["reasoning"],
     }
 
 
@@ -155,6 +156,13 @@ def format_qa(result: dict) -> str:
         lines.append(f"| {kind} | {r['n']} | {r['accuracy']:.3f} | {r['control']:.3f} |")
     n = sum(r["n"] for r in result["per_kind"].values())
     lines.append(f"| overall | {n} | {result['overall']:.3f} | {result['control']:.3f} |")
+    if result.get("reasoning"):
+        r = result["reasoning"]
+        lines += [
+            "",
+            f"Reasoned position replies: {r['replies']}; both points exact {r['points_exact']:.3f}, "
+            f"within one tenth {r['points_within_one']:.3f}.",
+        ]
     if result.get("per_form"):
         lines += [
             "",

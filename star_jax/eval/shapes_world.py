@@ -10,6 +10,8 @@ caption information  what the caption is worth to the stack: teacher-forced imag
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from star_jax import shapes
@@ -59,7 +61,9 @@ def understanding(
 
     A prediction is scored by its final answer (`captions.final_answer`: after any reasoning such as
     "(3, 7) (6, 2): no"); "answers" keeps the whole replies. `max_new_tokens` bounds a reply (a
-    reasoned position answer takes 12 tokens, a plain answer 1-2).
+    reasoned position answer takes 12 tokens, a plain answer 1-2). "reasoning" (None when no reply
+    reasons) checks the points of reasoned position replies against the named objects' own:
+    {"replies", "points_exact", "points_within_one" (every coordinate off by at most one tenth)}.
 
     shuffle_images: the control that measures what the base answers from priors alone: question i
     is asked about image i + 1 (of another scene), scored against image i's answer.
@@ -83,6 +87,28 @@ def understanding(
         "overall": float(np.mean([x for v in by_kind.values() for x in v])),
         "answers": [(e["question"], e["answer"], p) for e, p in zip(exs, preds)],
         "kinds": [e["qa_kind"] for e in exs],
+        "reasoning": _reasoned_points(exs, preds),
+    }
+
+
+_POINTS = re.compile(r"\((\d), (\d)\) \((\d), (\d)\):")
+
+
+def _reasoned_points(exs: list[dict], preds: list[str]) -> dict | None:
+    """How well reasoned position replies ground their two objects (see `understanding`)."""
+    errors = []
+    for e, p in zip(exs, preds):
+        truth = shapes.captions.reason_about_position(e["scene"], e["question"], e["answer"])
+        said, true = _POINTS.match(p.strip()), _POINTS.match(truth or "")
+        if said and true:
+            errors.append(np.abs(np.array(said.groups(), int) - np.array(true.groups(), int)).max())
+    if not errors:
+        return None
+    errors = np.asarray(errors)
+    return {
+        "replies": len(errors),
+        "points_exact": float(np.mean(errors == 0)),
+        "points_within_one": float(np.mean(errors <= 1)),
     }
 
 
