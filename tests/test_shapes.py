@@ -1,5 +1,6 @@
 """Shapes world: determinism, geometry, rendering, held-out splits, GenEval prompt grammar, QA, edits."""
 
+import collections
 import re
 
 import numpy as np
@@ -340,3 +341,33 @@ def test_bad_arguments():
         make_example("train", 0, "video")
     with pytest.raises(ValueError, match="resolution"):
         shapes.render(shapes.Scene(()), 4)
+
+
+def test_position_answers_follow_from_the_reasoned_points():
+    # The relation is (almost) a function of what is asked and the offset between the two points in
+    # tenths: a table of them, fitted on 6,000 questions, answers 2,000 others (0.986); with one object's
+    # point alone it answers far fewer. What a reasoned reply leaves to its last step is this lookup.
+    rng = np.random.default_rng(0)
+
+    def keyed():
+        scene = shapes.sample_scene(rng)
+        q, a, kind = captions.question(rng, scene, kind_weights=(0, 0, 0, 1, 0))
+        reasoned = captions.reason_about_position(scene, q, a)
+        if reasoned is None:
+            return None
+        asked = next((r for r in shapes.RELATIONS if f" {r} " in q), "where")
+        return asked, tuple(int(d) for d in re.findall(r"\d", reasoned)), a
+
+    train = [k for _ in range(6000) if (k := keyed())]
+    held_out = [k for _ in range(2000) if (k := keyed())]
+
+    def accuracy(view):
+        tables, prior = collections.defaultdict(collections.Counter), collections.Counter()
+        for asked, digits, a in train:
+            tables[asked, view(digits)][a] += 1
+            prior[a] += 1
+        votes = [(tables.get((asked, view(d))) or prior).most_common(1)[0][0] == a for asked, d, a in held_out]
+        return float(np.mean(votes))
+
+    both, first_only = accuracy(lambda d: (d[0] - d[2], d[1] - d[3])), accuracy(lambda d: d[:2])
+    assert both >= 0.97 and first_only < 0.85, (both, first_only)

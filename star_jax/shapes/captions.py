@@ -331,7 +331,8 @@ def reason_about_position(scene: Scene, question: str, answer: str) -> str | Non
     ("is the red circle left of the square?", "no") -> "(3, 7) (6, 2): no", the two named objects'
     `point`s in the question's order, then the answer. Intermediate supervision for the comparison
     the plain answer leaves implicit: each point is a grounding answer, and the relation follows
-    from the two points (a table of the four digits answers 0.96 of held-out position questions)."""
+    from the two points (a table of the offset between them answers 0.986 of held-out position
+    questions: tests/test_shapes.py)."""
     match = _POSITION_QUESTION.fullmatch(question)
     if match is None:
         return None
