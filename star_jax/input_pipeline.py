@@ -374,10 +374,11 @@ class ShapesSource:
 
     def _reasoned(self, ex: dict, q: str, a: str) -> str:
         """`a`, or with `position_reasoning` a position question's answer with its grounding first."""
+        if not self.position_reasoning:
+            return a
         from star_jax.shapes import captions
 
-        reasoned = captions.reason_about_position(ex["scene"], q, a) if self.position_reasoning else None
-        return a if reasoned is None else reasoned
+        return captions.reason_about_position(ex["scene"], q, a) or a
 
     def _weighted_question(self, index: int, ex: dict) -> dict:
         """The example's question redrawn with `qa_kind_weights` (a pure function of seed, split, index)."""

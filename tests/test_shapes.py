@@ -272,6 +272,7 @@ def test_reasoned_position_answers_ground_both_objects_first():
     assert captions.point(red_circle) == "(2, 3)" and captions.point(square) == "(7, 4)"
     reasoned = captions.reason_about_position(scene, "is the square left of the red circle?", "no")
     assert reasoned == "(7, 4) (2, 3): no" and captions.final_answer(reasoned) == "no"
+    assert captions.reasoned_points(reasoned) == (7, 4, 2, 3) and captions.reasoned_points("no") is None
     where = captions.reason_about_position(scene, "where is the red circle relative to the blue square?", "left of")
     assert where == "(2, 3) (7, 4): left of" and captions.final_answer(where) == "left of"
     for q, a in (

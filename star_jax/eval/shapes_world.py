@@ -10,8 +10,6 @@ caption information  what the caption is worth to the stack: teacher-forced imag
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 
 from star_jax import shapes
@@ -91,17 +89,14 @@ def understanding(
     }
 
 
-_POINTS = re.compile(r"\((\d), (\d)\) \((\d), (\d)\):")
-
-
 def _reasoned_points(exs: list[dict], preds: list[str]) -> dict | None:
     """How well reasoned position replies ground their two objects (see `understanding`)."""
     errors = []
     for e, p in zip(exs, preds):
         truth = shapes.captions.reason_about_position(e["scene"], e["question"], e["answer"])
-        said, true = _POINTS.match(p.strip()), _POINTS.match(truth or "")
+        said, true = shapes.captions.reasoned_points(p), shapes.captions.reasoned_points(truth or "")
         if said and true:
-            errors.append(np.abs(np.array(said.groups(), int) - np.array(true.groups(), int)).max())
+            errors.append(np.abs(np.subtract(said, true)).max())
     if not errors:
         return None
     errors = np.asarray(errors)

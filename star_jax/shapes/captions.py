@@ -340,6 +340,16 @@ def reason_about_position(scene: Scene, question: str, answer: str) -> str | Non
     return f"{point(a)} {point(b)}: {answer}"
 
 
+_REASONED_POINTS = re.compile(r"\((\d), (\d)\) \((\d), (\d)\):")
+
+
+def reasoned_points(reply: str) -> tuple[int, int, int, int] | None:
+    """The two `point`s a reasoned reply starts with, (x_a, y_a, x_b, y_b) in tenths, or None when it
+    does not start with two points and a ':' (the inverse of `reason_about_position`'s prefix)."""
+    match = _REASONED_POINTS.match(reply.strip())
+    return None if match is None else tuple(int(d) for d in match.groups())
+
+
 def final_answer(text: str) -> str:
     """The answer a reply ends with: what follows its last ':' ("(3, 7) (6, 2): no" -> "no"), or the
     whole reply, stripped. Replies that reason first (`reason_about_position`) are scored by it."""
