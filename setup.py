@@ -25,7 +25,7 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "tensorboard": ["tensorflow-cpu", "tensorboard"],
     "tpu": ["jax[tpu]==0.10.2"],
-    "test": ["pytest", "pytest-xdist", "ruff"],
+    "test": ["pytest", "pytest-xdist", "pytest-timeout", "ruff"],
 }
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]
 

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import re
+import threading
 import warnings
 
 import numpy as np
@@ -254,11 +255,19 @@ def split_files(dataset_dir: str, split: str) -> list[str]:
     return files
 
 
-def load_features(dataset_dir: str):
-    """The tfds FeaturesDict saved in `dataset_dir/features.json`."""
-    import tensorflow_datasets as tfds
+# Serialises the first tfds import of a process. Grain's prefetch threads parse records
+# concurrently; two of them importing tensorflow_datasets at once deadlocked a worker process
+# (etils' lazy-module property lock taken against the import lock, in the opposite order).
+_FEATURES_LOCK = threading.RLock()
 
-    return tfds.features.FeatureConnector.from_config(dataset_dir)
+
+def load_features(dataset_dir: str):
+    """The tfds FeaturesDict saved in `dataset_dir/features.json`. Thread-safe: concurrent calls
+    import tensorflow_datasets one at a time."""
+    with _FEATURES_LOCK:
+        import tensorflow_datasets as tfds
+
+        return tfds.features.FeatureConnector.from_config(dataset_dir)
 
 
 class ArrayRecordSource:
@@ -290,7 +299,9 @@ class RecordParser:
 
     def __call__(self, data: bytes) -> dict:
         if self._features is None:  # lazily: the parser is pickled into Grain workers
-            self._features = load_features(self.dataset_dir)
+            with _FEATURES_LOCK:  # once per process, whichever prefetch thread comes first
+                if self._features is None:
+                    self._features = load_features(self.dataset_dir)
         try:
             return dict(self._features.deserialize_example_np(data))
         except Exception as e:

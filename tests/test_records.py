@@ -1,6 +1,9 @@
 """star_jax.records: validation reasons, image preparation, dataset layout round trip."""
 
 import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -110,3 +113,23 @@ def test_write_read_round_trip_and_corrupt_bytes(tmp_path):
         records.ArrayRecordSource(directory, "heldout")
     with pytest.raises(FileNotFoundError, match="no dataset under"):
         records.resolve_dataset_dir(str(tmp_path / "missing"))
+
+
+def test_concurrent_first_parses_load_the_features_once(tmp_path, monkeypatch):
+    """Grain's prefetch threads parse at once in a fresh worker; the features (and with them the
+    first tfds import) must load on one thread: two importing tfds together deadlocked a worker."""
+    examples = [(i, {"image": png(RGB), "caption": f"caption {i}", "metadata": "{}"}) for i in range(2)]
+    directory = records.write_dataset(str(tmp_path), "toy", "pairs", {"train": examples})
+    real, loads = records.load_features, []
+
+    def slow_load(dataset_dir):
+        loads.append(threading.get_ident())
+        time.sleep(0.2)  # a wide window: without the lock every thread would enter it
+        return real(dataset_dir)
+
+    monkeypatch.setattr(records, "load_features", slow_load)
+    parse, data = records.RecordParser(directory), records.ArrayRecordSource(directory, "train")[1]
+    with ThreadPoolExecutor(8) as pool:
+        captions = list(pool.map(lambda _: parse(data)["caption"].decode(), range(8)))
+    assert len(loads) == 1
+    assert captions == ["caption 1"] * 8
