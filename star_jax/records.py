@@ -258,13 +258,13 @@ def split_files(dataset_dir: str, split: str) -> list[str]:
 # Serialises the first tfds import of a process. Grain's prefetch threads parse records
 # concurrently; two of them importing tensorflow_datasets at once deadlocked a worker process
 # (etils' lazy-module property lock taken against the import lock, in the opposite order).
-_FEATURES_LOCK = threading.RLock()
+_TFDS_LOCK = threading.Lock()
 
 
 def load_features(dataset_dir: str):
     """The tfds FeaturesDict saved in `dataset_dir/features.json`. Thread-safe: concurrent calls
-    import tensorflow_datasets one at a time."""
-    with _FEATURES_LOCK:
+    run one at a time."""
+    with _TFDS_LOCK:
         import tensorflow_datasets as tfds
 
         return tfds.features.FeatureConnector.from_config(dataset_dir)
@@ -299,9 +299,7 @@ class RecordParser:
 
     def __call__(self, data: bytes) -> dict:
         if self._features is None:  # lazily: the parser is pickled into Grain workers
-            with _FEATURES_LOCK:  # once per process, whichever prefetch thread comes first
-                if self._features is None:
-                    self._features = load_features(self.dataset_dir)
+            self._features = load_features(self.dataset_dir)
         try:
             return dict(self._features.deserialize_example_np(data))
         except Exception as e:

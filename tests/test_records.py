@@ -1,7 +1,6 @@
 """star_jax.records: validation reasons, image preparation, dataset layout round trip."""
 
 import io
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -115,21 +114,25 @@ def test_write_read_round_trip_and_corrupt_bytes(tmp_path):
         records.resolve_dataset_dir(str(tmp_path / "missing"))
 
 
-def test_concurrent_first_parses_load_the_features_once(tmp_path, monkeypatch):
-    """Grain's prefetch threads parse at once in a fresh worker; the features (and with them the
-    first tfds import) must load on one thread: two importing tfds together deadlocked a worker."""
+def test_concurrent_first_parses_load_the_features_one_at_a_time(tmp_path, monkeypatch):
+    """Grain's prefetch threads parse at once in a fresh worker, each loading the features (and with
+    them importing tfds) on its first record: two importing tfds together deadlocked a worker."""
+    import tensorflow_datasets as tfds
+
     examples = [(i, {"image": png(RGB), "caption": f"caption {i}", "metadata": "{}"}) for i in range(2)]
     directory = records.write_dataset(str(tmp_path), "toy", "pairs", {"train": examples})
-    real, loads = records.load_features, []
+    real, active, most = tfds.features.FeatureConnector.from_config, [0], [0]
 
-    def slow_load(dataset_dir):
-        loads.append(threading.get_ident())
-        time.sleep(0.2)  # a wide window: without the lock every thread would enter it
-        return real(dataset_dir)
+    def slow_from_config(*args, **kwargs):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.1)  # a wide window: without the lock every thread would be inside it
+        active[0] -= 1
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(records, "load_features", slow_load)
+    monkeypatch.setattr(tfds.features.FeatureConnector, "from_config", slow_from_config)
     parse, data = records.RecordParser(directory), records.ArrayRecordSource(directory, "train")[1]
     with ThreadPoolExecutor(8) as pool:
         captions = list(pool.map(lambda _: parse(data)["caption"].decode(), range(8)))
-    assert len(loads) == 1
+    assert most[0] == 1
     assert captions == ["caption 1"] * 8

@@ -7,9 +7,10 @@ when both objects' points are written in the prompt, with no image?
 Each example is a shapes-world position question ("is the red circle left of the square?", "where
 is the circle relative to the triangle?") in the chat template; with `--points` the reply starts
 with the two named objects' grounding points (`captions.reason_about_position`) and only the answer
-after them is a target. A fresh decoder of `--size` trains on position questions alone (AdamW, the
-understanding stage's betas and clipping, cosine from `--lr`) and reports, every `--eval_every`
-steps, the accuracy of the answer's first token on `--num_val` validation questions (teacher-forced).
+after them is a target. A fresh decoder of `--size` trains on position questions alone
+(`optim.make_optimizer` with the understanding stage's betas and clipping, cosine from `--lr`) and
+reports, every `--eval_every` steps, the accuracy of the answer's first token on `--num_val`
+validation questions (teacher-forced).
 It separates the comparison from the image lookup that the understanding stage must learn first.
 """
 
@@ -18,13 +19,12 @@ from __future__ import annotations
 import argparse
 import time
 
-import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
-from star_jax import sharding
+from star_jax import objectives, optim, sharding
 from star_jax.models import qwen2
 from star_jax.shapes import captions, splits
 from star_jax.shapes.scene import DEFAULT_WORLD
@@ -69,10 +69,7 @@ def pack(examples, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _loss(model, ids, targets):
-    logp = jax.nn.log_softmax(model(ids))
-    nll = -jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], -1)[..., 0]
-    valid = targets >= 0
-    return jnp.sum(nll * valid) / jnp.sum(valid)
+    return objectives.cross_entropy(model(ids), targets)[0]
 
 
 @nnx.jit
@@ -123,14 +120,15 @@ def run(
     cfg = qwen2.DecoderConfig.from_dict(sizes.SIZES[size]["decoder"], dtype="float32")
     mesh = sharding.single_device_mesh()
     model = sharding.create_sharded(lambda: qwen2.Decoder(cfg, rngs=nnx.Rngs(seed)), mesh, sharding.DEFAULT_RULES)
-    schedule = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, 10), optax.cosine_decay_schedule(lr, max(steps - 10, 1))], [10]
+    train_cfg = ml_collections.ConfigDict(
+        dict(
+            lr=lr, warmup_steps=10, num_steps=steps, schedule="cosine", b1=0.9, b2=0.95, weight_decay=0.0, clip_norm=1.0
+        )
     )
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.0))
     rng = np.random.default_rng(seed)
     rows, loss, start = [], float("nan"), time.time()
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, optim.make_optimizer(train_cfg), wrt=nnx.Param)
         for step in range(steps + 1):
             if step % eval_every == 0 or step == steps:
                 correct = np.concatenate(
