@@ -106,7 +106,7 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
     config.pipeline.stages = ("vq",)
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
-    assert set(numbers) == {"vq_ceiling", "stage_wall_s", "total_wall_s"}
+    assert set(numbers) == {"vq_ceiling", "stage_wall_s", "total_wall_s", "base_trained_in"}
     assert (
         numbers["vq_ceiling"]["psnr"] == pytest.approx(report["vq_ceiling"]["psnr"])
         and report["vq_ceiling"]["psnr"] > 5
@@ -127,7 +127,13 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     config.data.question_first = True
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
-    assert set(numbers) == {"understanding_before", "understanding_shuffled", "stage_wall_s", "total_wall_s"}
+    assert set(numbers) == {
+        "understanding_before",
+        "understanding_shuffled",
+        "stage_wall_s",
+        "total_wall_s",
+        "base_trained_in",
+    }
     assert numbers["understanding_before"]["overall"] == pytest.approx(report["understanding_before"]["overall"])
     text = (tmp_path / "report.md").read_text()
     assert "| question | after understanding stage | control: another scene's image |" in text
@@ -170,6 +176,33 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     assert 0 <= result["shape_accuracy"] <= 1 and 0 <= result["relation_recall"] <= 1 and "position" in result
     assert 0 <= result["scene_count_accuracy"] <= 1 and "count" in result
     assert eval_cli.main(argv[:-2] + ["--tower", "generation"]) == 2
+
+
+def test_joint_ablation_report_names_the_stages_that_train_the_base(tmp_path):
+    """STAR's configs freeze the base after understanding; `joint` trains it in generation and
+    editing, and its report says so beside the understanding columns."""
+    assert pipeline.stages_training_the_base(shapes_demo.get_config()) == ()
+    assert pipeline.stages_training_the_base(shapes_demo.get_config("joint")) == ("generation", "editing")
+    qa = lambda answers: {  # noqa: E731
+        "per_kind": {"color": sum(a == p for _, a, p in answers) / len(answers)},
+        "overall": sum(a == p for _, a, p in answers) / len(answers),
+        "answers": answers,
+    }
+    before = [("what color is the circle?", "red", "red"), ("what color is the square?", "blue", "blue")]
+    after = [(q, a, "zero yes yes") for q, a, _ in before]
+    r = {"understanding_before": qa(before), "understanding_after": qa(after)}
+    r |= {"understanding_shuffled": qa(after), "stage_wall_s": {}, "total_wall_s": 0.0}
+    pipeline.write_report(str(tmp_path), r | {"base_trained_in": ("generation", "editing")})
+    text = (tmp_path / "report.md").read_text()
+    assert "| color | 1.000 | 0.000 | 0.000 |" in text
+    assert (
+        "after all stages, base trained (ablation)" in text
+        and "bit-identical before and after the generation and editing stages: **False**" in text
+    )
+    assert "trains the base in the generation and editing stage(s)" in text
+    assert json.load(open(tmp_path / "report.json"))["base_trained_in"] == ["generation", "editing"]
+    pipeline.write_report(str(tmp_path), r)
+    assert "ablation" not in (tmp_path / "report.md").read_text()
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
