@@ -10,9 +10,9 @@ Evaluation samples at temperature 1 with classifier-free guidance 20 and no top-
 reference's command-line setting (STAR_SPEC section 4: cfg 20, top-k 2000 of 65,536 codes, top-p 1;
 temperature always 1). On three generation checkpoints (32-48 prompts per task) CFG 20 scored
 0.20 / 0.17 / 0.15 where CFG 3 scored 0.135 / 0.083 / 0.094: the stack barely uses the caption
-(README), and strong guidance amplifies what it does use. Greedy decoding draws the background
-everywhere: the quality run's ShapeEval was 0.016 greedy and 0.23 sampled (same weights, 16 prompts
-per task).
+(configs/shapes_demo.md, the experiment log), and strong guidance amplifies what it does use.
+Greedy decoding draws the background everywhere: the quality run's ShapeEval was 0.016 greedy
+and 0.23 sampled (same weights, 16 prompts per task).
 Edits keep CFG 3 (`edit_cfg`): on the quality run's weights, 3 of 96 edits succeeded at CFG 3 and
 none at CFG 20.
 
@@ -26,8 +26,8 @@ editing) against 0.167 (0.250).
 steps at a constant 3e-3, then understanding from its tower for `und_steps` (default 1,200) cosine
 steps, and reports QA on 192 validation questions against the control. Its vision stage trains on
 scene cells (`data.vision_labels`): each merged ViT token names the shape and colour of the object
-centred in its cell. The bag of caption words taught the tower colour but hardly shape (README), and
-every question names its objects by shape.
+centred in its cell. The bag of caption words taught the tower colour but hardly shape
+(shapes_demo.md), and every question names its objects by shape.
 
 `joint` is the ablation of STAR's central claim: the generation and editing stages also train the
 base (decoder + ViT) instead of freezing it; its report shows what that does to understanding.
@@ -50,7 +50,7 @@ from star_jax.configs import common, star
 def get_config(arg=None):
     arg = common.parse_arg(arg, quality=False, joint=False, vision=False, base=False, und_steps=1200)
     # The quality config trains every stage 4x longer. Generation 8x scored no better: ShapeEval
-    # 0.10 at 880 steps against 0.18 at 440 (32 prompts per task, same VQ and base; README).
+    # 0.10 at 880 steps against 0.18 at 440 (32 prompts per task, same VQ and base; shapes_demo.md).
     scale = 4 if arg.quality else 1
     config = star.get_config("size=shapes,stage=vq")
     config.model.decoder.dtype = "float32"  # CPU: f32 matmuls are faster than emulated bf16
@@ -77,6 +77,9 @@ def get_config(arg=None):
             top_p=1.0,
             temperature=1.0,
             seed=0,
+            caption_pairs=64,  # teacher-forced pairs of the caption-information measurement
+            usage_images=1024,  # renders of the codebook usage / entropy measurement
+            locality_edits=128,  # edit pairs of the code-locality measurement
         )
     )
 
@@ -101,8 +104,9 @@ def get_config(arg=None):
             # (shuffled images changed 6 % of answers after 480 steps); with captions it reads them.
             "vision": stage(300, 32, 3e-3),
             "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
-            "generation": stage(110, 32, 1e-3),
-            "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}),
+            # Sample grids (<stage>/samples_<step>.png) at the evaluation's guidance.
+            "generation": stage(110, 32, 1e-3, train={"sample_every": 50 * scale, "sample_cfg": 20.0}),
+            "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}, train={"sample_every": 20 * scale}),
         }
     )
     for name in config.stage_overrides:  # settable per stage, e.g. 'stage:<other run>/vision'

@@ -98,7 +98,7 @@ def get_config(arg=None):
     # of / above / below its object (multi-hot over relation x shape x colour), so "is A left of B?"
     # is one bit of B's tokens, read as "is there an A?" is read. Relations that only might hold (no
     # question asks about them) carry no loss. Learns slowly from scratch (the tower must know
-    # shapes first): start a relations run from a scene-label tower (README).
+    # shapes first): start a relations run from a scene-label tower (configs/shapes_demo.md).
     config.data.scene_relations = False
     # With scene labels: every token also tells how many objects the scene has, and each labelled
     # token how many objects share its object's shape, and its shape and colour (a count head), so
@@ -158,6 +158,11 @@ def get_config(arg=None):
     config.train.ckpt_every = 1000
     config.train.keep_last = 3
     config.train.keep_every = 0  # also keep every m-th step forever; 0 = off
+    # Generation / editing: a grid of samples (PNG + TensorBoard) every k steps and at the last
+    # step (star_jax/samples.py); 0 = off. sample_num validation captions or edits, at sample_cfg.
+    config.train.sample_every = 0
+    config.train.sample_num = 8
+    config.train.sample_cfg = 3.0
 
     if arg.runlocal:
         config.train.batch_size = 8

@@ -112,6 +112,10 @@ def validate(config, num_devices: int | None = None) -> None:
         if config.train.batch_size % config.train.grad_accum:
             _fail("train.grad_accum", config.train.grad_accum, f"does not divide batch_size {config.train.batch_size}")
         _validate_lr_mults(config.train.get("lr_mults", ()))
+        if config.train.get("sample_every", 0) < 0:
+            _fail("train.sample_every", config.train.sample_every, "must be >= 0 (0 = no sample grids)")
+        if config.train.get("sample_every", 0) and config.train.get("sample_num", 8) <= 0:
+            _fail("train.sample_num", config.train.sample_num, "must be positive when train.sample_every > 0")
     for name, what in (
         ("caption_fraction", "captioning turns"),
         ("count_present_fraction", "count questions"),

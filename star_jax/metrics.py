@@ -129,6 +129,10 @@ class StepMetrics:
             self._avg[k] = self._avg[k].merge(m) if k in self._avg else m
         self._steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` spent between steps (sample grids) out of the step time."""
+        self._t0 += seconds
+
     def summary(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self._t0
         out = {k: float(m.compute()) for k, m in self._avg.items()}

@@ -96,7 +96,13 @@ def run(config, workdir: str) -> dict:
                 base_runner, num=ev.qa, seed=ev.seed, shuffle_images=True
             )
     if vq_model is not None:
-        report["vq_ceiling"] = shapes_world.vq_report(vq_model, per_task=ev.per_task, seed=ev.seed)
+        report["vq_ceiling"] = shapes_world.vq_report(
+            vq_model,
+            per_task=ev.per_task,
+            seed=ev.seed,
+            usage_images=ev.get("usage_images", 1024),
+            locality_edits=ev.get("locality_edits", 128),
+        )
     report["stage_wall_s"]["evaluation"] = time.perf_counter() - t0
     report["total_wall_s"] = time.perf_counter() - t_all
     write_report(workdir, report)
@@ -128,7 +134,9 @@ def _evaluate_stack(config, workdir: str, report: dict):
             generation_runner, per_task=ev.per_task, seed=ev.seed, **sampling
         )
     if "generation" in config.pipeline.stages:
-        report["caption_information"] = shapes_world.caption_information(generation_runner, seed=ev.seed)
+        num = ev.get("caption_pairs", 64)
+        report["caption_information"] = shapes_world.caption_information(generation_runner, num=num, seed=ev.seed)
+        report["caption_pairs"] = num
     return star.model.vq
 
 
@@ -154,8 +162,8 @@ def write_report(workdir: str, r: dict) -> None:
         info = r["caption_information"]
         lines += [
             "What the caption is worth to the generation stage's stack (teacher-forced image-token "
-            "cross-entropy in nats, with the caption vs with it replaced by `<|fim_pad|>`, 64 validation "
-            "pairs): "
+            "cross-entropy in nats, with the caption vs with it replaced by `<|fim_pad|>`, "
+            f"{r.get('caption_pairs', 64)} validation pairs): "
             + "; ".join(f"{k.replace('_', ' ')} cells {v['cond']:.2f} vs {v['uncond']:.2f}" for k, v in info.items())
             + ". Naming a colour and a shape is worth log(50) = 3.9 nats at the first object cell.",
             "",
@@ -163,10 +171,11 @@ def write_report(workdir: str, r: dict) -> None:
     if "vq_ceiling" in r:
         lines += [
             f"VQ ceiling (ShapeEval on VQ round trips of ground truth): overall {r['vq_ceiling']['summary']['overall']:.3f}, "
-            f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over 1,024 validation renders: codebook usage "
+            f"PSNR {r['vq_ceiling']['psnr']:.2f} dB; over {r['vq_ceiling'].get('usage_images', 1024):,} "
+            "validation renders: codebook usage "
             f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
-            f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over 128 validation "
-            f"edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
+            f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over "
+            f"{r['vq_ceiling'].get('locality_edits', 128)} validation edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
             f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
             "",
         ]

@@ -155,7 +155,7 @@ def flops_per_example(config) -> float:
 
 def make_task(config):
     """The `train.Task` of `config.stage`."""
-    from star_jax import input_pipeline, train
+    from star_jax import input_pipeline, samples, train
 
     rows = config.train.batch_size // config.train.grad_accum
     uses_vit = config.stage in ("vision", "understanding", "editing")
@@ -179,4 +179,5 @@ def make_task(config):
         initialise=initialiser(config),
         flops_per_example=flops_per_example(config),
         tokens_per_example=tokens if config.stage not in ("vq", "vision") else 1,
+        sample=samples.make_sampler(config),
     )

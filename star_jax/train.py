@@ -39,7 +39,8 @@ class Task:
     initialise: (model, workdir) -> None; fills params from earlier stages / imports (fresh runs).
     batch_axes: key -> logical axis names of that input (batch dimension first).
     flops_per_example / tokens_per_example: for MFU and tokens/s.
-    on_log: optional (model, step, writer) -> None, e.g. sample grids.
+    sample: optional (model, step) -> uint8 grid [H, W, 3], drawn every `train.sample_every` steps
+      and at the last step (`star_jax.samples`), written as PNG and to TensorBoard.
     post_update: optional (graphdef, params, frozen, other, batch, rng, step) -> params, run inside
       the jitted step after the optimizer update (e.g. re-seeding dead VQ codes).
     """
@@ -51,7 +52,7 @@ class Task:
     batch_axes: dict[str, tuple] | None = None
     flops_per_example: float = 0.0
     tokens_per_example: int = 1
-    on_log: Callable | None = None
+    sample: Callable | None = None
     post_update: Callable | None = None
 
 
@@ -233,8 +234,12 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
                     if hasattr(data_iter, "stats"):  # skipped / bad records of the input pipeline
                         last |= data_iter.stats()
                     writer.scalars(step, last)
-                    if task.on_log is not None:
-                        task.on_log(nnx.merge(graphdef, params, frozen, other), step, writer)
+                every = tc.get("sample_every", 0)
+                if task.sample is not None and every and (step % every == 0 or step == tc.num_steps):
+                    t_sample = time.perf_counter()
+                    grid = task.sample(nnx.merge(graphdef, params, frozen, other), step)
+                    print(f"[{config.stage}] samples: {writer.images(step, 'samples', grid)}", flush=True)
+                    step_metrics.exclude(time.perf_counter() - t_sample)
                 if step % tc.ckpt_every == 0 or step == tc.num_steps or preempt.requested:
                     ckpts.save(step, state, data_iter, force=True)
                 if preempt.requested:

@@ -86,6 +86,7 @@ def _valid():
         ("stage", "pretraining", r"config.stage='pretraining': unknown stage"),
         ("size", "huge", r"config.size='huge': unknown size"),
         ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
+        ("train.sample_every", -1, r"config.train.sample_every=-1: must be >= 0"),
         (
             "train.lr_mults",
             (("^vision/", 0.0),),

@@ -30,6 +30,7 @@ def _tiny_config():
     config.pipeline.eval.per_task = 2
     config.pipeline.eval.qa = 8
     config.pipeline.eval.edits = 4
+    config.pipeline.eval.update(caption_pairs=16, usage_images=32, locality_edits=8)
     for stage in config.pipeline.stages:
         config.stage_overrides[stage].train.num_steps = 3
         config.stage_overrides[stage].train.batch_size = 8  # one row per simulated device
@@ -203,6 +204,34 @@ def test_joint_ablation_report_names_the_stages_that_train_the_base(tmp_path):
     assert json.load(open(tmp_path / "report.json"))["base_trained_in"] == ["generation", "editing"]
     pipeline.write_report(str(tmp_path), r)
     assert "ablation" not in (tmp_path / "report.md").read_text()
+
+
+def test_sample_grids_of_generation_and_editing(demo):
+    """The trainer's samplers draw with the trained model: one row of generated images, and
+    sources / edits / targets of the first validation edits."""
+    from star_jax import samples
+    from star_jax.decode.runner import StarRunner
+
+    config, workdir, _ = demo
+    model = StarRunner.from_workdir(workdir).model
+    for stage, rows in (("generation", 1), ("editing", 3)):
+        c = pipeline.stage_config(config, stage)
+        c.train.sample_every, c.train.sample_num = 5, 2
+        grid = samples.make_sampler(c)(model, 5)
+        size = c.model.vq.image_size
+        assert grid.shape == (rows * (size + 2) + 2, 2 * (size + 2) + 2, 3) and grid.dtype == np.uint8
+        if stage == "editing":
+            records = samples.validation_records(c, 2)
+            step = size + 2
+            for i, r in enumerate(records):
+                column = grid[:, 2 + i * step : 2 + i * step + size]
+                assert np.array_equal(column[2 : 2 + size], r["source_image"])
+                assert np.array_equal(column[2 + 2 * step : 2 + 2 * step + size], r["target_image"])
+        c.train.sample_every = 0
+        assert samples.make_sampler(c) is None
+    c = pipeline.stage_config(config, "understanding")
+    c.train.sample_every = 5
+    assert samples.make_sampler(c) is None
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):

@@ -192,6 +192,33 @@ def test_nonfinite_steps_skipped_up_to_a_limit(tmp_path):
         train.train_and_evaluate(cfg, str(tmp_path / "b"), _nan_task(cfg, [1, 2, 3]))
 
 
+def test_sample_grids_every_k_steps_and_at_the_last_leave_training_unchanged(tmp_path):
+    """The trainer hands the current model to `task.sample` at steps k, 2k, ... and the last one and
+    writes each grid as PNG; the losses equal those of a run without samples."""
+    from PIL import Image
+
+    cfg = train_fixtures.config(num_steps=5)
+    cfg.train.log_every = 1
+    seen = []
+
+    def sample(model, step):
+        seen.append((step, sum(float(jnp.sum(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))))
+        return np.full((6, 10, 3), step, np.uint8)
+
+    plain = train_fixtures.task(cfg)
+    train.train_and_evaluate(cfg, str(tmp_path / "plain"), plain)
+    cfg.train.sample_every = 2
+    sampled = train_fixtures.task(cfg)
+    sampled.sample = sample
+    train.train_and_evaluate(cfg, str(tmp_path / "sampled"), sampled)
+    assert [s for s, _ in seen] == [2, 4, 5]
+    assert seen[0][1] != seen[1][1]  # the model as trained so far, not the initial one
+    for step in (2, 4, 5):
+        grid = np.asarray(Image.open(tmp_path / "sampled" / "understanding" / f"samples_{step:07d}.png"))
+        assert grid.shape == (6, 10, 3) and (grid == step).all()
+    assert _losses(str(tmp_path / "sampled")) == _losses(str(tmp_path / "plain"))
+
+
 def test_gradient_accumulation_matches_full_batch():
     cfg = train_fixtures.config()
     task = train_fixtures.task(cfg)

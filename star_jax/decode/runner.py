@@ -20,6 +20,20 @@ from star_jax.models import star, vq
 from star_jax.text import chat, tokenizer
 
 
+@jax.jit(static_argnums=(0, 1))
+def _vq_call(method: str, graphdef, state, x):
+    """`VQModel.<method>(x)` compiled once per model structure and input shape: the params are
+    arguments, not constants, so a new runner over the same model (a sample grid during training,
+    another checkpoint) reuses the compiled program."""
+    return getattr(nnx.merge(graphdef, state), method)(x)
+
+
+def vq_call(model, method: str, x):
+    """`model.<method>(x)` for a VQModel, through the compiled `_vq_call`."""
+    graphdef, state = nnx.split(model)
+    return _vq_call(method, graphdef, state, x)
+
+
 class WorkdirError(ValueError):
     """A workdir that holds no usable STAR checkpoint."""
 
@@ -127,7 +141,7 @@ class StarRunner:
     def decode_codes(self, codes) -> np.ndarray:
         """codes [n, N] -> uint8 images [n, H, W, 3] through the VQ decoder."""
         codes = jnp.asarray(codes).reshape(-1, self.vq_grid, self.vq_grid)
-        return to_uint8(jax.jit(lambda c: self.model.vq.decode_codes(c))(codes))
+        return to_uint8(vq_call(self.model.vq, "decode_codes", codes))
 
     # -- tasks ----------------------------------------------------------------------------------
     def text_to_image(
@@ -178,7 +192,7 @@ class StarRunner:
             raise ValueError(f"{len(images)} images but {len(instructions)} instructions")
         vq_size = self.config.model.vq.image_size
         src = jnp.asarray(to_float(images, vq_size))
-        src_codes = np.asarray(jax.jit(self.model.vq.encode_to_codes)(src)).reshape(len(images), -1)
+        src_codes = np.asarray(vq_call(self.model.vq, "encode_to_codes", src)).reshape(len(images), -1)
         pixels, grid, layout = self._vit_inputs(images)
         examples = [
             sequences.editing_example(

@@ -272,9 +272,10 @@ def caption_information(runner, *, num: int = 64, split: str = "validation", see
     return out
 
 
-def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 1024) -> dict:
-    """`vq_ceiling` (ShapeEval + PSNR of round trips), `code_statistics` and `edit_code_locality`
-    of a trained VQModel."""
+def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 1024, locality_edits: int = 128) -> dict:
+    """`vq_ceiling` (ShapeEval + PSNR of round trips), `code_statistics` over `usage_images` renders
+    and `edit_code_locality` over `locality_edits` edit pairs of a trained VQModel; the two counts
+    are in the result."""
     import jax
 
     from star_jax.decode.runner import to_float, to_uint8
@@ -285,5 +286,5 @@ def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 102
     codes_of = lambda images: encode(jax.numpy.asarray(to_float(images, size)))
     out = vq_ceiling(lambda images: to_uint8(decode(codes_of(images))), per_task=per_task, seed=seed, resolution=size)
     out.update(code_statistics(codes_of, vq_model.cfg.codebook_size, num=usage_images, seed=seed))
-    out.update(edit_code_locality(codes_of, seed=seed))
-    return out
+    out.update(edit_code_locality(codes_of, num=locality_edits, seed=seed))
+    return out | {"usage_images": usage_images, "locality_edits": locality_edits}
