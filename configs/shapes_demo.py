@@ -105,7 +105,7 @@ def get_config(arg=None):
             "vision": stage(300, 32, 3e-3),
             "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
             # Sample grids (<stage>/samples_<step>.png) at the evaluation's guidance.
-            "generation": stage(110, 32, 1e-3, train={"sample_every": 50 * scale, "sample_cfg": 20.0}),
+            "generation": stage(110, 32, 1e-3, train={"sample_every": 55 * scale, "sample_cfg": 20.0}),
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}, train={"sample_every": 20 * scale}),
         }
     )

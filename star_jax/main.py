@@ -20,6 +20,7 @@ COMMANDS = {
     "vq": ("star_jax.cli.vq", "VQ tokenizer: `vq encode` / `vq decode`"),
     "export": ("star_jax.cli.export", "export weights to the reference / Hugging Face layout"),
     "import": ("star_jax.cli.import_", "import reference / Hugging Face weights"),
+    "params": ("star_jax.cli.params", "trainable / frozen params and optimizer bytes per stage (abstract)"),
     "bench": ("star_jax.bench.__main__", "benchmarks: decoder, data, generate, vision, convert"),
 }
 

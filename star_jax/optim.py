@@ -106,3 +106,31 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.get("lr_mults"):
         chain.append(scale_by_path(cfg.lr_mults))
     return optax.chain(*chain)
+
+
+def footprint(config) -> dict[str, int]:
+    """Parameters and optimizer state of `config.stage`, from abstract shapes (nothing allocated):
+    {"total_params", "trainable_params", "frozen_params", "param_bytes", "optimizer_bytes"}.
+
+    The stage's model (`tasks.build_model_fn`) is traced with `nnx.eval_shape`, split by
+    `config.train.trainable` as the trainer splits it, and the optimizer's state is the
+    `jax.eval_shape` of `make_optimizer(config.train).init` on the trainable params only.
+    """
+    from star_jax import sharding, tasks
+
+    # Params are annotated with logical axes, which need a mesh to be built (even abstractly);
+    # their shapes do not depend on it.
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.rules_from_config(config)):
+        abstract = nnx.eval_shape(tasks.build_model_fn(config))
+    _, trainable, frozen, _ = split_trainable(abstract, list(config.train.trainable))
+    trainable, frozen = trainable.to_pure_dict(), frozen.to_pure_dict()
+    opt_state = jax.eval_shape(make_optimizer(config.train).init, trainable)
+    count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    nbytes = lambda tree: sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    return {
+        "total_params": count(trainable) + count(frozen),
+        "trainable_params": count(trainable),
+        "frozen_params": count(frozen),
+        "param_bytes": nbytes(trainable) + nbytes(frozen),
+        "optimizer_bytes": nbytes(opt_state),
+    }

@@ -79,6 +79,40 @@ def test_frozen_params_unchanged_and_without_optimizer_state(tmp_path):
     ckpts.close()
 
 
+@pytest.mark.parametrize("stage", ["understanding", "generation"])
+def test_footprint_from_abstract_shapes_equals_the_built_model(stage):
+    """`star-jax params` (3b / 7b) counts from abstract shapes: on `tiny` its numbers equal those
+    of the built model and the optimizer state the trainer creates."""
+    cfg = star.get_config(f"size=tiny,stage={stage}")
+    got = optim.footprint(cfg)
+    with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
+        model = tasks.build_model_fn(cfg)()
+    _, trainable, frozen, _ = optim.split_trainable(model, list(cfg.train.trainable))
+    trainable, frozen = trainable.to_pure_dict(), frozen.to_pure_dict()
+    opt_state = optim.make_optimizer(cfg.train).init(trainable)
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    assert got == {
+        "total_params": count(trainable) + count(frozen),
+        "trainable_params": count(trainable),
+        "frozen_params": count(frozen),
+        "param_bytes": sum(x.nbytes for x in jax.tree.leaves((trainable, frozen))),
+        "optimizer_bytes": sum(x.nbytes for x in jax.tree.leaves(opt_state)),
+    }
+    # AdamW's two f32 moments (and a step count) per trainable param; none for frozen ones.
+    assert 8 * got["trainable_params"] <= got["optimizer_bytes"] <= 8 * got["trainable_params"] + 64
+    assert (got["frozen_params"] > 0) == (stage == "generation")
+
+
+def test_params_cli_prints_a_row_per_size_and_stage(capsys):
+    from star_jax.cli import params
+
+    assert params.main(["star-jax params", "--sizes", "tiny", "--stages", "understanding,generation"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    assert [r.split(" | ")[1] for r in rows] == ["understanding", "generation"]
+    assert params.main(["star-jax params", "--sizes", "tiny", "--stages", "pretraining"]) == 2
+    assert "--stages 'pretraining' is not a stage" in capsys.readouterr().err
+
+
 def test_trainable_regex_that_matches_nothing_is_an_error():
     cfg = train_fixtures.config()
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
