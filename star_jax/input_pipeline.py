@@ -479,11 +479,14 @@ class PrepareExample:
             self._tokenizer = load_tokenizer(self.spec.tokenizer)
         return self._tokenizer
 
+    def read(self, index: int) -> dict:
+        """The record at `index`, parsed (bytes -> dict) when the source is serialised."""
+        raw = self.source[int(index)]
+        return self.parser(raw) if self.parser is not None else raw
+
     def __call__(self, index: int):
         try:
-            raw = self.source[int(index)]
-            record = self.parser(raw) if self.parser is not None else raw
-            return self.assemble(record)
+            return self.assemble(self.read(index))
         except records.BadRecord as e:
             return Skipped(int(index), e.reason, e.detail)
         except sequences.SequenceTooLong as e:
@@ -491,7 +494,8 @@ class PrepareExample:
         except Exception as e:  # anything else a record can trigger is counted, not fatal
             return Skipped(int(index), "other", f"{type(e).__name__}: {e}")
 
-    def _image(self, record: dict, name: str) -> np.ndarray:
+    def image(self, record: dict, name: str) -> np.ndarray:
+        """record[name] as uint8 [H, W, 3], within the spec's size and aspect limits (or BadRecord)."""
         s = self.spec
         return records.decode_image(
             records.field(record, name), name, min_size=s.min_image_size, max_aspect=s.max_aspect_ratio
@@ -505,7 +509,7 @@ class PrepareExample:
                 records.field(record, codes_field), codes_field, num_codes=s.num_codes, codebook_size=s.codebook_size
             )
         else:
-            image = records.square_image(self._image(record, image_field), s.vq_image_size)
+            image = records.square_image(self.image(record, image_field), s.vq_image_size)
             out[f"{key}images"] = records.to_unit_range(image)
 
     def _pixels(self, image: np.ndarray) -> np.ndarray:
@@ -529,10 +533,10 @@ class PrepareExample:
         grid = (1, s.vit_image_size // s.patch_size, s.vit_image_size // s.patch_size)
         text = lambda name: records.decode_text(records.field(record, name), name)
         if s.stage == "vq":
-            image = records.square_image(self._image(record, "image"), s.vq_image_size)
+            image = records.square_image(self.image(record, "image"), s.vq_image_size)
             return {"images": records.to_unit_range(image)}
         if s.stage == "vision":
-            out = {"pixels": self._pixels(self._image(record, "image"))}
+            out = {"pixels": self._pixels(self.image(record, "image"))}
             if s.vision_labels != "caption_words":  # scene_cells | scene_cover (validated)
                 objects = records.decode_objects(records.field(record, "objects"))
                 grid = s.vit_image_size // (s.patch_size * s.merge_size)
@@ -561,7 +565,7 @@ class PrepareExample:
                 vit_grid_thw=grid,
                 spatial_merge_size=s.merge_size,
             )
-            source = self._image(record, "source_image")
+            source = self.image(record, "source_image")
             out["pixels"] = self._pixels(source)
             if s.pretokenized:
                 self._target(out, record, "source_image", "source_codes", "src_")
@@ -579,7 +583,7 @@ class PrepareExample:
             follow_ups=records.decode_turns(record["follow_ups"]) if record.get("follow_ups") is not None else (),
             question_first=s.question_first,
         )
-        out["pixels"] = self._pixels(self._image(record, "image"))
+        out["pixels"] = self._pixels(self.image(record, "image"))
         return out
 
 

@@ -175,7 +175,8 @@ def write_report(workdir: str, r: dict) -> None:
             "validation renders: codebook usage "
             f"{r['vq_ceiling']['codebook_usage']:.3f}, token entropy {r['vq_ceiling']['token_entropy_bits']:.2f} bits, "
             f"{r['vq_ceiling']['background_codes']} distinct codes for all-background cells; over "
-            f"{r['vq_ceiling'].get('locality_edits', 128)} validation edits, {r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
+            f"{r['vq_ceiling'].get('locality_edits', 128)} validation edits, "
+            f"{r['vq_ceiling']['edit_codes_kept']:.3f} of the cells whose pixels the edit leaves unchanged "
             f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
             "",
         ]

@@ -26,19 +26,16 @@ def validation_records(config, num: int, *, max_tries: int = 1000) -> list[dict]
     from star_jax import input_pipeline
 
     spec = input_pipeline.ExampleSpec.from_config(config)
-    source, parser = input_pipeline.make_source(config, "validation", spec)
+    prepare = input_pipeline.PrepareExample(*input_pipeline.make_source(config, "validation", spec), spec)
     size = config.model.vq.image_size
     fields = {"pairs": ("caption",), "edits": ("instruction",)}[spec.kind]
     images = {"pairs": (), "edits": ("source_image", "target_image")}[spec.kind]
     out = []
-    for index in range(min(len(source), max_tries)):
+    for index in range(min(len(prepare.source), max_tries)):
         try:
-            record = source[index] if parser is None else parser(source[index])
+            record = prepare.read(index)
             row = {name: records.decode_text(records.field(record, name), name) for name in fields}
-            for name in images:
-                image = records.field(record, name)
-                image = image if parser is None else records.decode_image(image, name)
-                row[name] = records.square_image(np.asarray(image, np.uint8), size)
+            row |= {name: records.square_image(prepare.image(record, name), size) for name in images}
         except records.BadRecord:
             continue
         out.append(row)

@@ -209,6 +209,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
         base_rng = jax.random.key(config.seed)
         step = int(state["step"])
         skipped, last = 0, {}
+        sample_every = tc.get("sample_every", 0)
         t_start = time.perf_counter()
         with _Preemption() as preempt:
             while step < tc.num_steps:
@@ -234,8 +235,7 @@ def train_and_evaluate(config, workdir: str, task: Task) -> dict:
                     if hasattr(data_iter, "stats"):  # skipped / bad records of the input pipeline
                         last |= data_iter.stats()
                     writer.scalars(step, last)
-                every = tc.get("sample_every", 0)
-                if task.sample is not None and every and (step % every == 0 or step == tc.num_steps):
+                if task.sample is not None and sample_every and (step % sample_every == 0 or step == tc.num_steps):
                     t_sample = time.perf_counter()
                     grid = task.sample(nnx.merge(graphdef, params, frozen, other), step)
                     print(f"[{config.stage}] samples: {writer.images(step, 'samples', grid)}", flush=True)

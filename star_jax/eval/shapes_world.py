@@ -278,13 +278,12 @@ def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 102
     are in the result."""
     import jax
 
-    from star_jax.decode.runner import to_float, to_uint8
+    from star_jax.decode.runner import to_float, to_uint8, vq_call
 
     size = vq_model.cfg.image_size
-    encode = jax.jit(vq_model.encode_to_codes)
-    decode = jax.jit(vq_model.decode_codes)
-    codes_of = lambda images: encode(jax.numpy.asarray(to_float(images, size)))
-    out = vq_ceiling(lambda images: to_uint8(decode(codes_of(images))), per_task=per_task, seed=seed, resolution=size)
+    codes_of = lambda images: vq_call(vq_model, "encode_to_codes", jax.numpy.asarray(to_float(images, size)))
+    decode = lambda codes: to_uint8(vq_call(vq_model, "decode_codes", codes))
+    out = vq_ceiling(lambda images: decode(codes_of(images)), per_task=per_task, seed=seed, resolution=size)
     out.update(code_statistics(codes_of, vq_model.cfg.codebook_size, num=usage_images, seed=seed))
     out.update(edit_code_locality(codes_of, num=locality_edits, seed=seed))
     return out | {"usage_images": usage_images, "locality_edits": locality_edits}
