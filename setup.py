@@ -34,11 +34,17 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    # `configs/` lives at the top level (big_vision style) and is importable as star_jax.configs,
-    # so config files can `from star_jax.configs import common`.
+    # `configs/` and `projects/` live at the top level (big_vision style) and are importable as
+    # star_jax.configs and star_jax.projects, so config files can `from star_jax.configs import common`
+    # and name a project's modules in `config.imports`. The core (star_jax/) never imports a project.
     packages=setuptools.find_packages(include=["star_jax", "star_jax.*"])
-    + ["star_jax.configs", "star_jax.configs.sweeps"],
-    package_dir={"star_jax.configs": "configs", "star_jax.configs.sweeps": "configs/sweeps"},
+    + ["star_jax.configs", "star_jax.configs.sweeps", "star_jax.projects", "star_jax.projects.shapes"],
+    package_dir={
+        "star_jax.configs": "configs",
+        "star_jax.configs.sweeps": "configs/sweeps",
+        "star_jax.projects": "projects",
+        "star_jax.projects.shapes": "projects/shapes",
+    },
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["star-jax=star_jax.main:run"]},

@@ -3,44 +3,25 @@ r"""STAR config: one file for every stage and size.
   star-jax train --config configs/star.py:size=tiny,stage=generation,runlocal \
       --config.train.num_steps=100 --workdir runs/tiny
 
-Arguments: size (configs/sizes.py), stage (vq | vision | understanding | generation | editing),
-runlocal (shrink batch / steps for a CPU smoke run).
+Arguments: size (configs/sizes.py), stage (a name in `star_jax.stages`: vq | understanding |
+generation | editing, or a project's stage with `config.imports`), runlocal (shrink batch / steps
+for a CPU smoke run).
 """
 
 import ml_collections
 
-from star_jax import sharding
+from star_jax import sharding, stages
 from star_jax.configs import common, sizes
-
-STAGES = ("vq", "vision", "understanding", "generation", "editing")
-
-# Trainable params per stage, as regexes over '/'-joined param paths. Everything else is frozen:
-# no gradient kept, no optimizer state, bit-identical after training (STAR_SPEC section 7).
-TRAINABLE = {
-    "vq": [r"^vq/", r"^discriminator/"],
-    "vision": [r"^vision/", r"^word_head/", r"^cell_head/", r"^relation_head/", r"^count_head/"],
-    "understanding": [r"^base/", r"^vision/"],
-    "generation": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
-    "editing": [r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/"],
-}
-
-# Where each stage starts from, applied in order: earlier stages' final params, or imports
-# ("hf:<dir>" for a Hugging Face Qwen2.5-VL base, "vq:<file>" for reference VQ weights).
-INIT_FROM = {
-    "vq": [],
-    "vision": [],
-    "understanding": [],
-    "generation": ["vq", "understanding"],
-    "editing": ["generation"],
-}
-
 
 def get_config(arg=None):
     """Returns the ConfigDict for `arg` = "size=..,stage=..,runlocal"."""
     arg = common.parse_arg(arg, size="tiny", stage="generation", runlocal=False)
     config = ml_collections.ConfigDict()
     config.size = arg.size  # name in configs/sizes.py; the model blocks below are resolved from it
-    config.stage = arg.stage  # which objective / data / trainable set this run uses
+    config.stage = arg.stage  # which objective / data / trainable set this run uses (star_jax/stages.py)
+    # Modules imported before the stage is looked up: a project's stages and data sources register
+    # themselves there (e.g. "star_jax.projects.shapes.vision"). The core imports no project.
+    config.imports = ()
     config.seed = 0  # params init, data order and sampling all derive from it
 
     size = sizes.get_size(arg.size)
@@ -69,58 +50,15 @@ def get_config(arg=None):
     config.vq_loss.reseed_every = 0  # re-seed codes unused in the usage window from encoder outputs; 0 = off
     config.vq_loss.reseed_until = 0  # stop re-seeding after this step (0 = never stop)
 
-    # Input (star_jax/input_pipeline.py). The shapes world is generated deterministically from
+    # Input (star_jax/input/). The shapes world is generated deterministically from
     # (split, index, seed); user data comes as ArrayRecord files (data/ converts folders / JSONL).
     config.data = ml_collections.ConfigDict()
-    config.data.source = "shapes"  # shapes | arrayrecord
+    config.data.source = "shapes"  # shapes | arrayrecord | a source a project registers (config.imports)
     config.data.path = ""  # ArrayRecord directory when source = arrayrecord
     config.data.tokenizer = "builtin"  # builtin | builtin-stems (shapes world) | a Hugging Face tokenizer.json
     config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
     config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
-    # Understanding on the shapes world: this fraction of examples asks for the image's caption
-    # instead of one question (a dense signal: every object's colour, shape and count).
-    config.data.caption_fraction = 0.0
-    # Understanding on the shapes world: questions per image, asked as the turns of one chat (every
-    # answer is a target), so a step supervises more answers for little more sequence.
-    config.data.qa_per_image = 1
-    # Shapes world, image-caption stages: only pairs of these tags (shapes.PAIR_TAGS, e.g.
-    # ("single_object", "colors") for one object per image); () = every tag.
-    config.data.pair_tags = ()
-    # Vision stage labels: caption_words (which words the caption holds; any image-caption data) |
-    # scene_cells (each ViT token's object shape and colour; the procedural shapes world only) |
-    # scene_cover (as scene_cells, and every token an object paints >= 10 % of names it too).
-    config.data.vision_labels = "caption_words"
-    # With scene labels: each labelled token also regresses its object's centre (x, y), so the
-    # tower's features say where an object is (the relations of position questions).
-    config.data.scene_centres = False
-    # With scene labels: each labelled token also tells which objects stand clearly left of / right
-    # of / above / below its object (multi-hot over relation x shape x colour), so "is A left of B?"
-    # is one bit of B's tokens, read as "is there an A?" is read. Relations that only might hold (no
-    # question asks about them) carry no loss. Learns slowly from scratch (the tower must know
-    # shapes first): start a relations run from a scene-label tower (configs/shapes_demo.md).
-    config.data.scene_relations = False
-    # With scene labels: every token also tells how many objects the scene has, and each labelled
-    # token how many objects share its object's shape, and its shape and colour (a count head), so
-    # "how many circles are there?" is read from a circle's tokens as its colour is.
-    config.data.scene_counts = False
-    # Shapes world, understanding stream: this fraction of its questions count an object that is in
-    # the scene (uniformly drawn count questions are mostly "zero"); evaluation questions unchanged.
-    config.data.count_present_fraction = 0.0
-    # Shapes world, understanding stream: how often each question kind is asked, one weight per
-    # captions.QA_KINDS (count, color, shape, position, existence); () = uniform. Evaluation: uniform.
-    config.data.qa_kind_weights = ()
-    # Shapes world, understanding stream: this fraction of its questions (first and follow-ups) ask
-    # where an object is ("where in the image is the red circle?" -> "(3, 7)", its centre in tenths of
-    # the image): grounding data, as Qwen-VL trains on, for the lookup position questions compose.
-    config.data.grounding_fraction = 0.0
-    # Shapes world, understanding stream: position answers name both objects' points first, "is the
-    # red circle left of the square?" -> "(3, 7) (6, 2): no" (grounding, then the comparison, as a
-    # chain of thought); the evaluation scores what follows the last ':'.
-    config.data.position_reasoning = False
-    # Understanding prompts put the image after the question (Qwen accepts either order): causal
-    # image tokens then see the question, so each can mark itself as asked about.
-    config.data.question_first = False
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
     config.data.max_bad_fraction = 0.01  # stop with an error when more records than this are bad
@@ -148,10 +86,11 @@ def get_config(arg=None):
     config.train.b1 = 0.9
     config.train.b2 = 0.95
     config.train.clip_norm = 1.0
-    config.train.trainable = tuple(TRAINABLE.get(arg.stage, ()))  # tuples: overridable from the command line
+    stage = stages.get(arg.stage) if arg.stage in stages.names() else None  # a project's stage: its config sets these
+    config.train.trainable = stage.trainable if stage else ()  # tuples: overridable from the command line
     # ((regex, factor), ...): the update of a trainable param whose path matches is scaled by factor.
     config.train.lr_mults = ()
-    config.train.init_from = tuple(INIT_FROM.get(arg.stage, ()))
+    config.train.init_from = stage.init_from if stage else ()
     config.train.nonfinite = "stop"  # stop | skip (skip up to max_skipped_steps, then stop)
     config.train.max_skipped_steps = 10
     config.train.log_every = 50

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 
-from star_jax import sharding
+import ml_collections
+
+from star_jax import sharding, stages
 from star_jax.configs import sizes
 
-STAGES = ("vq", "vision", "understanding", "generation", "editing")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 
@@ -91,8 +92,12 @@ def validate(config, num_devices: int | None = None) -> None:
     """Checks a full STAR config; raises ConfigError naming the first bad key and value."""
     if config.size not in sizes.SIZES:
         _fail("size", config.size, f"unknown size; known: {sorted(sizes.SIZES)}")
-    if config.stage not in STAGES:
-        _fail("stage", config.stage, f"unknown stage; known: {STAGES}")
+    try:
+        stages.for_config(config)
+    except ImportError as e:
+        _fail("imports", tuple(config.get("imports", ())), f"cannot import {e.name or e}")
+    if config.stage not in stages.names():
+        _fail("stage", config.stage, f"unknown stage; known: {stages.names()}")
     validate_decoder(config.model.decoder)
     validate_vision(config.model.vision)
     validate_vq(config.model.vq)
@@ -116,66 +121,6 @@ def validate(config, num_devices: int | None = None) -> None:
             _fail("train.sample_every", config.train.sample_every, "must be >= 0 (0 = no sample grids)")
         if config.train.get("sample_every", 0) and config.train.get("sample_num", 8) <= 0:
             _fail("train.sample_num", config.train.sample_num, "must be positive when train.sample_every > 0")
-    for name, what in (
-        ("caption_fraction", "captioning turns"),
-        ("count_present_fraction", "count questions"),
-        ("grounding_fraction", "grounding questions"),
-    ):
-        fraction = config.get("data", {}).get(name, 0.0)
-        if not 0.0 <= fraction <= 1.0:
-            _fail(f"data.{name}", fraction, "must be in [0, 1]")
-        if fraction and config.data.source != "shapes":
-            _fail(f"data.{name}", fraction, f"{what} come from the shapes world, not source={config.data.source!r}")
-    if config.get("data", {}).get("position_reasoning", False) and config.data.source != "shapes":
-        _fail(
-            "data.position_reasoning",
-            True,
-            f"reasoned answers come from the shapes world, not source={config.data.source!r}",
-        )
-    per_image = config.get("data", {}).get("qa_per_image", 1)
-    if not isinstance(per_image, int) or isinstance(per_image, bool) or per_image < 1:
-        _fail("data.qa_per_image", per_image, "must be an integer >= 1")
-    if per_image > 1 and config.data.source != "shapes":
-        _fail(
-            "data.qa_per_image",
-            per_image,
-            f"multi-question chats come from the shapes world, not source={config.data.source!r}",
-        )
-    weights = tuple(config.get("data", {}).get("qa_kind_weights", ()))
-    if weights:
-        from star_jax.shapes.captions import QA_KINDS
-
-        if len(weights) != len(QA_KINDS):
-            _fail("data.qa_kind_weights", weights, f"needs {len(QA_KINDS)} weights, one per kind of {QA_KINDS}")
-        if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-            _fail("data.qa_kind_weights", weights, "weights must be >= 0 and not all 0")
-        if config.data.source != "shapes":
-            _fail(
-                "data.qa_kind_weights",
-                weights,
-                f"questions come from the shapes world, not source={config.data.source!r}",
-            )
-    if not isinstance(config.get("data", {}).get("question_first", False), bool):
-        _fail("data.question_first", config.data.question_first, "must be True or False")
-    labels = config.get("data", {}).get("vision_labels", "caption_words")
-    if labels not in ("caption_words", "scene_cells", "scene_cover"):
-        _fail("data.vision_labels", labels, "not one of ('caption_words', 'scene_cells', 'scene_cover')")
-    if labels != "caption_words" and config.data.source != "shapes":
-        _fail(
-            "data.vision_labels", labels, f"scene cells come from the shapes world, not source={config.data.source!r}"
-        )
-    for name in ("scene_centres", "scene_relations", "scene_counts"):
-        if config.get("data", {}).get(name, False) and labels == "caption_words":
-            _fail(f"data.{name}", True, "needs scene labels (data.vision_labels='scene_cells' or 'scene_cover')")
-    tags = tuple(config.get("data", {}).get("pair_tags", ()))
-    if tags:
-        from star_jax.shapes import splits
-
-        unknown = [t for t in tags if t not in splits.PAIR_TAGS]
-        if unknown:
-            _fail("data.pair_tags", tags, f"unknown tags {unknown}; known: {splits.PAIR_TAGS}")
-        if config.data.source != "shapes":
-            _fail("data.pair_tags", tags, f"tags select shapes-world pairs, not source={config.data.source!r}")
     try:
         rules = sharding.rules_from_config(config)
         sharding.check_rules(rules)
@@ -196,8 +141,6 @@ def validate(config, num_devices: int | None = None) -> None:
 
 def validate_sizes_table() -> None:
     """Validates every size in the table (used by tests)."""
-    import ml_collections
-
     for name, size in sizes.SIZES.items():
         for block, fn in (("decoder", validate_decoder), ("vision", validate_vision), ("vq", validate_vq)):
             try:

@@ -22,6 +22,7 @@ import sys
 
 import numpy as np
 
+from star_jax import images as image_lib
 from star_jax import records
 
 IMAGE_CODES = {"pairs": {"image": "codes"}, "edits": {"source_image": "source_codes", "target_image": "target_codes"}}
@@ -77,7 +78,7 @@ class Pretokenizer:
             image = records.decode_image(
                 records.field(record, name), name, min_size=self.min_size, max_aspect=self.max_aspect
             )
-            out.append(records.to_unit_range(records.square_image(image, self.size)))
+            out.append(image_lib.to_unit_range(image_lib.resize_square(image, self.size, crop=True)))
         return out
 
     def _flush(self, batch: list):

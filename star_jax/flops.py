@@ -26,12 +26,6 @@ def decoder_forward_flops(
     return total
 
 
-def decode_step_flops(cfg: DecoderConfig, batch: int, context: int, *, num_layers: int | None = None) -> float:
-    """Forward FLOPs of one decode step: one new token per row attending to `context` keys."""
-    layers = cfg.num_layers if num_layers is None else num_layers
-    return layers * layer_flops(cfg, batch, context) + 2.0 * batch * cfg.hidden_size * cfg.vocab_size
-
-
 def train_step_flops(forward: float) -> float:
     """A training step costs about 3x its forward pass (backward = 2x forward)."""
     return 3.0 * forward

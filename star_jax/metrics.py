@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from star_jax import images as image_lib
+
 # bf16 dense peak FLOP/s per chip, for MFU. CPU (and unknown devices) are measured at start.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -100,7 +102,7 @@ def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.
     """Tiles images [N, H, W, 3] (uint8, or float in [-1, 1]) into one uint8 grid."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        images = np.clip((images + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        images = image_lib.to_uint8(images)
     n, h, w, c = images.shape
     cols = cols or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))

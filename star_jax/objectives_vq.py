@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from star_jax.convert import tensor_io
 from star_jax.models import quantizer as qz
 
 # ---------------------------------------------------------------------------------------------
@@ -159,9 +161,7 @@ def make_perceptual_loss(weights_path: str | None, weight: float) -> Callable[[j
             "config's perceptual weights path to a .safetensors with torchvision vgg16 `features.{i}.*` and "
             "LPIPS `lin{k}.model.1.weight` tensors, or set the perceptual weight to 0 (star_jax downloads nothing)"
         )
-    from star_jax.convert.safetensors_io import read_tensors
-
-    params = load_lpips_params(read_tensors(weights_path))
+    params = load_lpips_params(tensor_io.read_tensors(weights_path, allow_pickle=False))
     logging.info("perceptual loss: LPIPS-VGG16 from %s", weights_path)
     return jax.jit(lambda images, recon: jnp.mean(lpips(params, images, recon)))
 
@@ -220,3 +220,77 @@ def discriminator_hinge_loss(
         "logits_real": jnp.mean(logits_real.astype(jnp.float32)),
         "logits_fake": jnp.mean(logits_fake.astype(jnp.float32)),
     }
+
+
+def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
+    """VQ stage: L2 + quantizer losses (+ perceptual) + PatchGAN hinge, in one loss.
+
+    The generator's adversarial term sees the discriminator through stop_gradient, and the
+    discriminator's hinge loss sees stop_gradient(reconstructions), so one gradient of the sum
+    updates each network by its own objective (a simultaneous GAN step, one optimizer).
+    """
+    images = batch["images"]
+    vq = model.vq
+    q = vq.encode(images, update_usage=True)
+    features = vq.decoder.features(vq.post_quant_conv(q.z_q))
+    recon = vq.decoder.head(features).astype(jnp.float32)  # = vq(images)[0], keeping the features
+    logits_fake_g, adaptive = None, 1.0
+    use_disc = hasattr(model, "discriminator") and cfg.disc_weight > 0
+    if use_disc:
+        graphdef, state = nnx.split(model.discriminator)
+        frozen_disc = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        logits_fake_g = frozen_disc(recon)
+        if cfg.get("disc_adaptive", False):
+            head = lambda w: vq.decoder.head(features, w).astype(jnp.float32)
+
+            def rec_loss_of(w):  # LlamaGen's "nll" term: reconstruction + perceptual
+                out = head(w)
+                rec = cfg.l2 * l2_reconstruction(images, out)
+                return rec + (cfg.perceptual * perceptual(images, out) if perceptual is not None else 0.0)
+
+            adaptive = adaptive_gan_weight(
+                rec_loss_of,
+                lambda w: hinge_generator_loss(frozen_disc(head(w))),
+                vq.decoder.conv_out.kernel[...],
+            )
+    total, parts = vq_generator_loss(
+        images,
+        recon,
+        q,
+        logits_fake_g,
+        step,
+        l2_weight=cfg.l2,
+        perceptual=perceptual,
+        perceptual_weight=cfg.perceptual,
+        disc_weight=cfg.disc_weight,
+        disc_start=cfg.disc_start,
+        adaptive_weight=adaptive,
+    )
+    if use_disc:
+        parts["disc_adaptive_weight"] = jnp.asarray(adaptive, jnp.float32)
+        real = model.discriminator(images)
+        fake = model.discriminator(jax.lax.stop_gradient(recon))
+        d_loss, d_parts = discriminator_hinge_loss(real, fake, step, disc_start=cfg.disc_start)
+        total = total + d_loss
+        parts |= d_parts
+    parts |= model.vq.quantize.usage_metrics(q.indices)
+    return total, {k: v for k, v in parts.items() if k != "total"}
+
+
+def reseed_dead_codes(graphdef, params, frozen, other, batch, rng, step, *, every: int, until: int):
+    """Post-update hook of the VQ stage: every `every` steps (until step `until`, 0 = always),
+    codes unused in the usage window are replaced by encoder outputs of this batch."""
+    def reseed(params):
+        model = nnx.merge(graphdef, params, frozen, other)
+        z = jax.lax.stop_gradient(model.vq.encode_continuous(batch["images"]))
+        emb = params["vq"]["quantize"]["embedding"]
+        new, _ = qz.reseed_dead_codes(
+            emb, other["vq"]["quantize"]["codebook_used"], z.reshape(-1, z.shape[-1]), rng, min_count=1
+        )
+        vq = {**params["vq"], "quantize": {**params["vq"]["quantize"], "embedding": new.astype(emb.dtype)}}
+        return {**params, "vq": vq}
+
+    due = (step + 1) % every == 0
+    if until:
+        due = due & (step < until)
+    return jax.lax.cond(due, reseed, lambda p: p, params)

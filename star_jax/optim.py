@@ -15,6 +15,8 @@ import jax
 import optax
 from flax import nnx
 
+from star_jax import sharding, stages
+
 
 def trainable_filter(patterns: Sequence[str]):
     """An nnx filter selecting `nnx.Param`s whose '/'-joined path matches any pattern."""
@@ -112,16 +114,14 @@ def footprint(config) -> dict[str, int]:
     """Parameters and optimizer state of `config.stage`, from abstract shapes (nothing allocated):
     {"total_params", "trainable_params", "frozen_params", "param_bytes", "optimizer_bytes"}.
 
-    The stage's model (`tasks.build_model_fn`) is traced with `nnx.eval_shape`, split by
+    The stage's model (`stages.build_model`) is traced with `nnx.eval_shape`, split by
     `config.train.trainable` as the trainer splits it, and the optimizer's state is the
     `jax.eval_shape` of `make_optimizer(config.train).init` on the trainable params only.
     """
-    from star_jax import sharding, tasks
-
     # Params are annotated with logical axes, which need a mesh to be built (even abstractly);
     # their shapes do not depend on it.
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.rules_from_config(config)):
-        abstract = nnx.eval_shape(tasks.build_model_fn(config))
+        abstract = nnx.eval_shape(lambda: stages.build_model(config, rngs=nnx.Rngs(config.seed)))
     _, trainable, frozen, _ = split_trainable(abstract, list(config.train.trainable))
     trainable, frozen = trainable.to_pure_dict(), frozen.to_pure_dict()
     opt_state = jax.eval_shape(make_optimizer(config.train).init, trainable)

@@ -203,23 +203,6 @@ def field(record: dict, name: str):
     return record[name]
 
 
-def square_image(image: np.ndarray, size: int) -> np.ndarray:
-    """uint8 [H, W, 3] -> centre-cropped to a square, bicubic-resized: uint8 [size, size, 3]."""
-    h, w = image.shape[:2]
-    if h != w:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        image = image[top : top + s, left : left + s]
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), resample=Image.BICUBIC))
-    return image
-
-
-def to_unit_range(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 in [-1, 1]."""
-    return image.astype(np.float32) * (2 / 255) - 1
-
-
 # ------------------------------------------------------------------------------------------------
 # Dataset directories
 

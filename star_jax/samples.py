@@ -1,41 +1,64 @@
 """Sample grids during training: what the stack draws, watched as it trains.
 
 Every `config.train.sample_every` steps (and at the last step) the generation stage draws one image
-for each of the first `config.train.sample_num` captions of the validation split, and the editing
-stage edits the first `sample_num` validation sources. The grid (generation: one row of images;
-editing: sources, edits, targets as three rows) goes to `<workdir>/<stage>/samples_<step>.png` and,
-when TensorFlow is installed, to TensorBoard (`metrics.Writer.images`). Sampling uses its own seeds
-and reads the validation split, so a run trains the same with sampling on or off.
+for each of the first `config.train.sample_num` captions of the validation split
+(`generation_sampler`), and the editing stage edits the first `sample_num` validation sources
+(`editing_sampler`). The grid (generation: one row of images; editing: sources, edits, targets as
+three rows) goes to `<workdir>/<stage>/samples_<step>.png` and, when TensorFlow is installed, to
+TensorBoard (`metrics.Writer.images`). Sampling uses its own seeds and reads the validation split
+(through `input.sources` and `input.examples`, as the stage's pipeline reads it), so a run trains
+the same with sampling on or off.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import numpy as np
 
-from star_jax import records
+from star_jax import images as image_lib
+from star_jax import metrics, records
+from star_jax.decode import runner as runner_lib
+from star_jax.input import examples, sources
+from star_jax.text import tokenizer as tokenizer_lib
 
 Sampler = Callable[[object, int], np.ndarray]  # (model, step) -> uint8 grid [H, W, 3]
 
 
-def validation_records(config, num: int, *, max_tries: int = 1000) -> list[dict]:
-    """The first `num` usable records of the stage's validation split, decoded: uint8 images
-    squared to the VQ's size [S, S, 3] and str text. Records that do not decode are passed over;
-    fewer than `num` usable records in `max_tries` raise ValueError naming the split."""
-    from star_jax import input_pipeline
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """What a sampler reads of the validation split: the `stages.Stage` fields that `input.sources`
+    and `input.examples` use (this module cannot import stages, which imports it; a test checks that
+    they match the registry), and the record fields it decodes."""
 
-    spec = input_pipeline.ExampleSpec.from_config(config)
-    prepare = input_pipeline.PrepareExample(*input_pipeline.make_source(config, "validation", spec), spec)
+    reads: str  # record kind: pairs | edits
+    uses_vit: bool  # the stage's images are also rendered at the ViT's size
+    vq_images: bool
+    texts: tuple[str, ...]
+    images: tuple[str, ...] = ()
+
+
+GENERATION = Reads("pairs", uses_vit=False, vq_images=True, texts=("caption",))
+EDITING = Reads(
+    "edits", uses_vit=True, vq_images=True, texts=("instruction",), images=("source_image", "target_image")
+)
+
+
+def validation_records(config, num: int, reads: Reads, *, max_tries: int = 1000) -> list[dict]:
+    """The first `num` usable records of the validation split, decoded: the `reads.texts` fields as
+    str and the `reads.images` fields as uint8 [S, S, 3] squared to the VQ's size. Records that do not
+    decode are passed over; fewer than `num` usable records in `max_tries` raise ValueError naming
+    the source."""
+    spec = examples.ExampleSpec.from_config(config, reads)
+    prepare = examples.Prepare(*sources.make_source(config, "validation", reads), spec)
     size = config.model.vq.image_size
-    fields = {"pairs": ("caption",), "edits": ("instruction",)}[spec.kind]
-    images = {"pairs": (), "edits": ("source_image", "target_image")}[spec.kind]
     out = []
     for index in range(min(len(prepare.source), max_tries)):
         try:
             record = prepare.read(index)
-            row = {name: records.decode_text(records.field(record, name), name) for name in fields}
-            row |= {name: records.square_image(prepare.image(record, name), size) for name in images}
+            row = {name: prepare.text(record, name) for name in reads.texts}
+            row |= {name: image_lib.resize_square(prepare.image(record, name), size, crop=True) for name in reads.images}
         except records.BadRecord:
             continue
         out.append(row)
@@ -46,29 +69,47 @@ def validation_records(config, num: int, *, max_tries: int = 1000) -> list[dict]
     )
 
 
-def make_sampler(config) -> Sampler | None:
-    """The sampler of a generation or editing stage, or None when `train.sample_every` is 0 or the
-    stage draws no images. Its records are read once, here."""
-    every = config.train.get("sample_every", 0)
-    if not every or config.stage not in ("generation", "editing"):
+def _setup(config, reads: Reads):
+    """(rows, tokenizer, sampling kwargs, num), or None when `train.sample_every` is 0."""
+    if not config.train.get("sample_every", 0):
         return None
-    from star_jax import input_pipeline
-    from star_jax.decode import runner as runner_lib
-    from star_jax.metrics import image_grid
-
     num = config.train.get("sample_num", 8)
-    rows = validation_records(config, num)
-    tok = input_pipeline.load_tokenizer(config.data.tokenizer)
+    rows = validation_records(config, num, reads)
+    tok = tokenizer_lib.load_tokenizer(config.data.tokenizer)
     sampling = dict(cfg=config.train.get("sample_cfg", 3.0), seed=config.seed)
+    return rows, tok, sampling, num
+
+
+def generation_sampler(config) -> Sampler | None:
+    """(model, step) -> uint8 grid [H, W, 3] (`metrics.image_grid`): one row of `train.sample_num`
+    [S, S, 3] images, one per validation caption; None when `train.sample_every` is 0. Its records are read once, here."""
+    setup = _setup(config, GENERATION)
+    if setup is None:
+        return None
+    rows, tok, sampling, num = setup
 
     def sample(model, step: int) -> np.ndarray:
         runner = runner_lib.StarRunner(model, config, tok)
-        if config.stage == "generation":
-            images, _ = runner.text_to_image([r["caption"] for r in rows], **sampling)
-            return image_grid(images, cols=num)
-        sources = np.stack([r["source_image"] for r in rows])
-        edited = runner.edit(sources, [r["instruction"] for r in rows], **sampling)
+        drawn, _ = runner.text_to_image([r["caption"] for r in rows], **sampling)
+        return metrics.image_grid(drawn, cols=num)
+
+    return sample
+
+
+def editing_sampler(config) -> Sampler | None:
+    """(model, step) -> uint8 grid of three rows (validation sources, their edits, the targets), each
+    of `train.sample_num` [S, S, 3] images; None when `train.sample_every` is 0. Its records are read
+    once, here."""
+    setup = _setup(config, EDITING)
+    if setup is None:
+        return None
+    rows, tok, sampling, num = setup
+
+    def sample(model, step: int) -> np.ndarray:
+        runner = runner_lib.StarRunner(model, config, tok)
+        source = np.stack([r["source_image"] for r in rows])
+        edited = runner.edit(source, [r["instruction"] for r in rows], **sampling)
         targets = np.stack([r["target_image"] for r in rows])
-        return image_grid(np.concatenate([sources, edited, targets]), cols=num)
+        return metrics.image_grid(np.concatenate([source, edited, targets]), cols=num)
 
     return sample

@@ -10,7 +10,7 @@ the image tokens always sit at the end of the sequence:
   vit_mask    [Tp] bool    slots that take ViT embeddings (understanding image, edit source)
   src_mask    [Tp] bool    slots that take adapter(codebook[source code]) (editing)
   text_targets [Tp] int32  next-token targets for understanding (-1 = no loss)
-  caption_words [V] float32  multi-hot of the caption's tokens (the vision stage's labels)
+  caption_words [V] float32  multi-hot of the caption's tokens (labels of an image classifier)
 
 Too-long inputs raise `SequenceTooLong` (the input pipeline skips and counts such records).
 """
@@ -44,7 +44,7 @@ def _with_padding_positions(pos: np.ndarray, pad: int) -> np.ndarray:
 
 def bag_of_words(tok, caption: str, vocab_size: int) -> np.ndarray:
     """[V] float32 multi-hot: 1 at every token id of `caption` (word order and counts dropped), the
-    labels of the vision stage's caption-word classifier (SuperClass, Huang et al. 2024)."""
+    labels of a caption-word image classifier (SuperClass, Huang et al. 2024)."""
     ids = np.asarray(tok.encode(caption), np.int64)
     if ids.size == 0:
         raise ValueError("empty caption")
@@ -159,11 +159,9 @@ def understanding_example(
     vit_grid_thw: tuple[int, int, int] | None,
     spatial_merge_size: int,
     follow_ups: tuple[tuple[str, str], ...] = (),
-    question_first: bool = False,
 ) -> dict[str, np.ndarray]:
     """Image + question -> answer: `<|vision_start|><|image_pad|>*n<|vision_end|>question` as the user
-    turn (`question<|vision_start|>...<|vision_end|>` with `question_first`), the answer + <|im_end|>
-    as targets. Without an image grid it is a text-only chat.
+    turn, the answer + <|im_end|> as targets. Without an image grid it is a text-only chat.
 
     `follow_ups` (question, answer) pairs continue the chat as later user / assistant turns about
     the same image (Qwen's multi-turn template); every answer + <|im_end|> is a target.
@@ -175,8 +173,7 @@ def understanding_example(
     prompt = tok.encode(chat.chat_prompt(question))
     n_vit = 0
     if vit_grid_thw is not None:
-        # question_first: the image closes the user turn, so (causal) image tokens see the question.
-        k = len(prompt) - 1 - prompt[::-1].index(im_end) if question_first else user_insert_index(prompt, tok)
+        k = user_insert_index(prompt, tok)
         t, h, w = vit_grid_thw
         n_vit = t * h * w // spatial_merge_size**2
         prompt = prompt[:k] + [vs] + [image_pad] * n_vit + [ve] + prompt[k:]

@@ -1,10 +1,11 @@
-"""One trainer for every stage (vq, understanding, generation, editing).
+"""One trainer for every stage (star_jax/stages.py).
 
 Reads top to bottom: validate config -> mesh -> model (born sharded) -> initialise from earlier
 stages or resume -> trainable / frozen split -> optimizer (trainable params only) -> input ->
 jitted step (in/out shardings, donation, gradient accumulation) -> loop with metrics,
 checkpoints and preemption handling. What differs between stages lives in config (trainable
-regexes, init_from) and in `objectives.py` (the loss), never in here.
+regexes, init_from) and in the stage's registry record (objective, input, FLOPs, sampler), never
+in here: `make_task` reads the record into a `Task`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from star_jax import checkpointing, metrics, optim, sharding
+from star_jax import checkpointing, init_sources, metrics, optim, sharding, stages
 from star_jax.configs import validation
+from star_jax.input import pipeline as input_pipeline
 
 
 class NonFiniteError(RuntimeError):
@@ -54,6 +56,25 @@ class Task:
     tokens_per_example: int = 1
     sample: Callable | None = None
     post_update: Callable | None = None
+
+
+def make_task(config) -> Task:
+    """The `Task` of `config.stage`, read from its registry record (`stages.for_config`)."""
+    stage = stages.for_config(config)
+    rows = config.train.batch_size // config.train.grad_accum
+    layout = stages.vit_layout(config, rows) if stage.uses_vit else None
+    return Task(
+        build_model=lambda: stages.build_model(config, rngs=nnx.Rngs(config.seed)),
+        objective=stage.objective(config, layout),
+        make_iterator=lambda pi, pc: input_pipeline.make_iterator(
+            config, split="train", process_index=pi, process_count=pc
+        ),
+        initialise=lambda model, workdir: init_sources.initialise(model, config, workdir),
+        flops_per_example=stage.flops_per_example(config),
+        tokens_per_example=stage.tokens_per_example(config),
+        sample=stage.sampler(config) if stage.sampler is not None else None,
+        post_update=stage.post_update(config) if stage.post_update is not None else None,
+    )
 
 
 class _Preemption:
@@ -139,13 +160,15 @@ def _put_batch(batch: dict, mesh, rules, batch_axes: dict | None):
     return out
 
 
-def train_and_evaluate(config, workdir: str, task: Task) -> dict:
+def train_and_evaluate(config, workdir: str, task: Task | None = None) -> dict:
     """Trains `config.stage` under `workdir/<stage>/`, resuming from its newest checkpoint.
 
-    Returns the last logged metrics. Raises NonFiniteError on a non-finite step (stop mode, or
-    after `max_skipped_steps` skips) and ConfigError before compiling on a bad config.
+    `task` defaults to `make_task(config)` (the stage's registry record). Returns the last logged
+    metrics. Raises NonFiniteError on a non-finite step (stop mode, or after `max_skipped_steps`
+    skips) and ConfigError before compiling on a bad config.
     """
     validation.validate(config, num_devices=jax.device_count())
+    task = make_task(config) if task is None else task
     tc = config.train
     mesh = sharding.mesh_from_config(config)
     rules = sharding.rules_from_config(config)

@@ -187,17 +187,63 @@ def test_config_is_json_serialisable():
     assert ml_collections.ConfigDict(config.to_dict()).to_json()
 
 
-@pytest.mark.parametrize("command", ["train", "pipeline", "import", "export"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "train",
+        "import",
+        "export",
+        "generate",
+        "edit",
+        "understand",
+        "params",
+        "vq encode",
+        "vq ceiling",
+        "eval shapes",
+        "eval qa",
+        "bench decoder",
+        "bench vision",
+    ],
+)
 def test_cli_help_and_unknown_flags_exit_cleanly(command, capsys):
-    """absl-flag commands: --help prints the flags (exit 0); an unknown flag is one line naming it (exit 2)."""
+    """Every command parses absl flags alike: --help prints the usage and flags (exit 0); an
+    unknown flag is one line naming it (exit 2)."""
     from star_jax import main
 
+    argv = ["star-jax", *command.split()]
     with pytest.raises(SystemExit) as e:
-        main.run(["star-jax", command, "--help"])
+        main.run(argv + ["--help"])
     assert e.value.code == 0
-    assert f"usage: star-jax {command}" in capsys.readouterr().out
+    assert f"usage: star-jax {command} [flags]" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
-        main.run(["star-jax", command, "--no_such_flag=1"])
+        main.run(argv + ["--no_such_flag=1"])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "no_such_flag" in err and "Traceback" not in err
+    assert "no_such_flag" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_subcommands_missing_and_malformed_flags(capsys):
+    """An unknown (sub)command, a missing required flag, a malformed value and a stray argument
+    each exit 2 with one line naming it; a command list with no subcommand is printed."""
+    from star_jax import main
+
+    for argv, named in (
+        (["star-jax", "nonsense"], "nonsense"),
+        (["star-jax", "vq", "tokenize"], "tokenize"),
+        (["star-jax", "eval", "tower"], "tower"),
+        (["star-jax", "generate", "--out", "o", "--prompt", "p"], "--workdir"),
+        (["star-jax", "generate", "--workdir", "w", "--out", "o"], "prompt"),
+        (["star-jax", "params", "--sizes"], "sizes"),
+        (["star-jax", "eval", "qa", "--workdir", "w", "--num", "many"], "num"),
+        (["star-jax", "eval", "qa", "--workdir", "w", "stray"], "stray"),
+        (["star-jax", "bench", "decoder", "--dtype", "float8"], "dtype"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main.run(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert main.run(["star-jax", "vq"]) == 2
+    assert "encode" in capsys.readouterr().out
+    assert main.run(["star-jax", "--help"]) == 0
+    assert "understand" in capsys.readouterr().out

@@ -88,15 +88,6 @@ def test_field_missing_and_none():
             records.field(record, "caption")
 
 
-def test_square_image_and_unit_range():
-    out = records.square_image(RGB, 16)
-    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
-    np.testing.assert_array_equal(records.square_image(RGB[:, 4:28], 24), RGB[:, 4:28])  # already square: unchanged
-    x = records.to_unit_range(np.array([0, 255], np.uint8))
-    np.testing.assert_allclose(x, [-1, 1])
-    assert x.dtype == np.float32
-
-
 def test_write_read_round_trip_and_corrupt_bytes(tmp_path):
     examples = [(i, {"image": png(RGB), "caption": f"caption {i}", "metadata": "{}"}) for i in range(5)]
     directory = records.write_dataset(str(tmp_path), "toy", "pairs", {"train": examples, "validation": examples[:2]})

@@ -110,25 +110,6 @@ def test_follow_up_turns_follow_qwens_multi_turn_template():
     assert (tail == tail[0]).all() and (np.diff(tail[0]) == 1).all()
 
 
-def test_question_first_puts_the_image_after_the_question():
-    q, a = "how many circles are there?", "two"
-    ex = sequences.understanding_example(
-        TOK, q, a, max_prompt_len=64, vit_grid_thw=(1, 8, 8), spatial_merge_size=2, question_first=True
-    )
-    ids = _real(ex, "prompt_ids").tolist()
-    expected = chat.chat_prompt(q + chat.image_placeholder(16)) + a + "<|im_end|>"
-    assert TOK.decode(ids) == expected
-    # The same ids as the runner's prompt (chat.user_text), so training and answering agree.
-    assert ids[: -len(TOK.encode(a)) - 1] == TOK.encode(chat.chat_prompt(chat.user_text(q, 16, question_first=True)))
-    assert [t for t in _real(ex, "text_targets").tolist() if t >= 0] == TOK.encode(a) + [TOK.special("<|im_end|>")]
-    # M-RoPE positions of the mixed sequence equal get_rope_index's (positions.rope_index).
-    image_pad = TOK.special("<|image_pad|>")
-    ref = positions.rope_index(
-        np.asarray([ids]), np.asarray([(1, 8, 8)]), image_token_id=image_pad, spatial_merge_size=2
-    )
-    np.testing.assert_array_equal(ex["positions"][:, 64 - len(ids) :], ref[:, 0])
-
-
 def test_too_long_and_empty_inputs_raise():
     with pytest.raises(sequences.SequenceTooLong, match="exceeds max_prompt_len=10"):
         sequences.generation_example(TOK, "a photo of a red circle", max_prompt_len=10, num_image_tokens=4)

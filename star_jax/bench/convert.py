@@ -21,12 +21,19 @@ import sys
 import tempfile
 import time
 
+import jax
+import numpy as np
+from flax import nnx
+
+from star_jax import sharding
+from star_jax.configs import star as star_config
+from star_jax.convert import export, importer
+from star_jax.convert.stage_reader import abstract_star, build_star
+
 FALLBACK = ("7b", "3b", "ladder_xl", "ladder_l", "ladder_m", "ladder_s", "ladder_xs", "tiny")
 
 
 def _config(size: str, dtype: str):
-    from star_jax.configs import star as star_config
-
     config = star_config.get_config(f"size={size},stage=generation")
     config.model.decoder.param_dtype = dtype
     config.model.vq.param_dtype = dtype
@@ -35,12 +42,7 @@ def _config(size: str, dtype: str):
 
 def model_bytes(size: str, dtype: str) -> tuple[int, int]:
     """(number of saved elements, bytes) of the size's generation-stage model, from shapes only."""
-    import numpy as np
-    from flax import nnx
-
-    from star_jax.convert import export
-
-    state = nnx.state(export.abstract_star(_config(size, dtype)))
+    state = nnx.state(abstract_star(_config(size, dtype)))
     leaves = [v.get_value() for _, v in nnx.to_flat_state(state)]
     return sum(int(np.prod(a.shape)) for a in leaves), sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in leaves)
 
@@ -52,18 +54,10 @@ def _available_bytes() -> int:
 
 
 def _phase_setup(size: str, dtype: str, root: str) -> dict:
-    import jax
-    import numpy as np
-    from flax import nnx
-
-    from star_jax import sharding
-    from star_jax.convert import importer
-    from star_jax.models import star
-
     config = _config(size, dtype)
     mesh = sharding.single_device_mesh()
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        graphdef, state = nnx.get_abstract_model(lambda: star.build(config, rngs=nnx.Rngs(0)), mesh)
+        graphdef, state = nnx.get_abstract_model(lambda: build_star(config, rngs=nnx.Rngs(0)), mesh)
     rng = np.random.default_rng(0)
     for path, var in nnx.to_flat_state(state):
         a = var.get_value()
@@ -76,8 +70,6 @@ def _phase_setup(size: str, dtype: str, root: str) -> dict:
 
 
 def _phase(name: str, size: str, dtype: str, root: str) -> dict:
-    from star_jax.convert import export, importer
-
     if name == "setup":
         return _phase_setup(size, dtype, root)
     if name == "export_star":

@@ -11,13 +11,18 @@ comparison, `stream procedural` (the same examples rendered on the fly, no files
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 import time
+
+from absl import flags
+
+from star_jax.input import pipeline as input_pipeline
+from star_jax.cli import common
+from star_jax.configs import star as star_config
 
 DATA_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 
@@ -36,8 +41,6 @@ def load_shapes_world():
 
 def stream(config, num_examples: int) -> tuple[float, dict]:
     """Seconds to draw `num_examples` (whole batches) from the pipeline of `config`, and its stats."""
-    from star_jax import input_pipeline
-
     it = input_pipeline.make_iterator(config, num_epochs=1)
     next(it)  # start-up (workers, tokenizer) is not throughput
     start, seen = time.perf_counter(), 0
@@ -52,37 +55,35 @@ def stream(config, num_examples: int) -> tuple[float, dict]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m star_jax.bench data", description=__doc__.splitlines()[0])
-    parser.add_argument("--num_examples", type=int, default=100_000)
-    parser.add_argument("--size", default="shapes", help="configs/sizes.py name (sets VQ / ViT image sizes)")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--num_workers", type=int, default=0)
-    parser.add_argument("--stream_examples", type=int, default=0, help="examples to stream (default: all)")
-    parser.add_argument("--data_dir", default="", help="where to build (default: a temporary directory)")
-    args = parser.parse_args(argv[1:])
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("num_examples", 100_000, "examples to build", flag_values=fv)
+    flags.DEFINE_string("size", "shapes", "configs/sizes.py name (sets VQ / ViT image sizes)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "pipeline batch size", flag_values=fv)
+    flags.DEFINE_integer("num_workers", 0, "Grain worker processes", flag_values=fv)
+    flags.DEFINE_integer("stream_examples", 0, "examples to stream (default: all)", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "where to build (default: a temporary directory)", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
 
-    from star_jax.configs import star as star_config
-
-    config = star_config.get_config(f"size={args.size},stage=generation")
-    config.train.batch_size = args.batch_size
-    config.data.num_workers = args.num_workers
-    config.data.num_train_examples = args.num_examples
+    config = star_config.get_config(f"size={fv.size},stage=generation")
+    config.train.batch_size = fv.batch_size
+    config.data.num_workers = fv.num_workers
+    config.data.num_train_examples = fv.num_examples
     resolution = config.model.vq.image_size
-    n_stream = min(args.stream_examples or args.num_examples, args.num_examples)
-    data_dir = args.data_dir or tempfile.mkdtemp(prefix="star_jax_bench_data_")
+    n_stream = min(fv.stream_examples or fv.num_examples, fv.num_examples)
+    data_dir = fv.data_dir or tempfile.mkdtemp(prefix="star_jax_bench_data_")
     print(
-        f"shapes world: {args.num_examples} pairs at {resolution} px, size={args.size}, batch {args.batch_size}, "
-        f"{args.num_workers} workers, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+        f"shapes world: {fv.num_examples} pairs at {resolution} px, size={fv.size}, batch {fv.batch_size}, "
+        f"{fv.num_workers} workers, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
     )
     try:
         shapes_world = load_shapes_world()
         start = time.perf_counter()
         directory = shapes_world.build(
-            data_dir, "pairs", num_train=args.num_examples, num_validation=0, num_heldout=0, resolution=resolution
+            data_dir, "pairs", num_train=fv.num_examples, num_validation=0, num_heldout=0, resolution=resolution
         )
         build_s = time.perf_counter() - start
         size_mb = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)) / 2**20
-        rows = [("build (tfds, array_record)", build_s / args.num_examples, f"{size_mb:.1f} MiB in {directory}")]
+        rows = [("build (tfds, array_record)", build_s / fv.num_examples, f"{size_mb:.1f} MiB in {directory}")]
         config.data.source, config.data.path = "arrayrecord", directory
         per_example, stats = stream(config, n_stream)
         rows.append(("stream arrayrecord -> generation batches", per_example, f"{int(stats['data/records_bad'])} bad"))
@@ -90,7 +91,7 @@ def main(argv: list[str]) -> int:
         per_example, stats = stream(config, n_stream)
         rows.append(("stream procedural -> generation batches", per_example, f"{int(stats['data/records_bad'])} bad"))
     finally:
-        if not args.data_dir:
+        if not fv.data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
     print(f"{'step':42s} {'examples/s':>12s} {'ms/example':>11s}  notes")
     for name, seconds, note in rows:

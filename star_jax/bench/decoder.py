@@ -9,16 +9,17 @@ Compile time is reported apart from steady-state time.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from star_jax import flops, sharding
+from star_jax.cli import common
 from star_jax.configs import sizes
 from star_jax.decode import text
 from star_jax.models import qwen2
@@ -84,23 +85,23 @@ def bench_size(name: str, batch: int, prompt: int, new: int, dtype: str, repeats
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m star_jax.bench decoder")
-    p.add_argument("--sizes", default="shapes,ladder_s")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prompt", type=int, default=256)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv[1:])
-    peak = matmul_peak(qwen2.to_dtype(args.dtype))
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), dtype {args.dtype}")
+    fv = flags.FlagValues()
+    flags.DEFINE_string("sizes", "shapes,ladder_s", "comma-separated sizes of configs/sizes.py", flag_values=fv)
+    flags.DEFINE_integer("batch", 8, "rows per call", flag_values=fv)
+    flags.DEFINE_integer("prompt", 256, "prompt tokens per row", flag_values=fv)
+    flags.DEFINE_integer("new", 64, "decoded tokens per row", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed calls (median reported)", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
+    peak = matmul_peak(qwen2.to_dtype(fv.dtype))
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), dtype {fv.dtype}")
     print(f"matmul peak (2048^3 jnp.dot, measured now): {peak / 1e9:.1f} GFLOP/s")
-    print(f"batch {args.batch}, prompt {args.prompt} tokens, {args.new} decoded tokens per row")
+    print(f"batch {fv.batch}, prompt {fv.prompt} tokens, {fv.new} decoded tokens per row")
     header = f"{'size':<10} {'params':>8} {'prefill tok/s':>14} {'decode tok/s':>13} {'fwd GFLOP/s':>12} {'of peak':>8} {'compile s':>10}"
     print(header)
     print("-" * len(header))
-    for name in args.sizes.split(","):
-        r = bench_size(name, args.batch, args.prompt, args.new, args.dtype, args.repeats)
+    for name in fv.sizes.split(","):
+        r = bench_size(name, fv.batch, fv.prompt, fv.new, fv.dtype, fv.repeats)
         print(
             f"{r['size']:<10} {r['params_m']:>7.1f}M {r['prefill_tok_s']:>14.0f} {r['decode_tok_s']:>13.0f} "
             f"{r['prefill_flops_s'] / 1e9:>12.1f} {r['prefill_flops_s'] / peak:>8.1%} {r['compile_s']:>10.1f}"

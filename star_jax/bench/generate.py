@@ -20,16 +20,18 @@ tiny: they play no part in decoding.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
 
 import jax
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from star_jax import sharding
+from star_jax.bench import torch_reference
+from star_jax.cli import common
 from star_jax.configs import sizes
 from star_jax.decode import generate
 from star_jax.models import qwen2, star, vq
@@ -120,9 +122,8 @@ def synthetic_batch(n: int, prompt_len: int, num_tokens: int, vocab: int, *, see
 
 def bench_size(name: str, args) -> dict:
     """Times star_jax and the reference loop on the same weights and prompts, alternating calls
-    (jax, torch, jax, torch, ...) so that load drift on a shared machine hits both sides alike."""
-    from star_jax.bench import torch_reference
-
+    (jax, torch, jax, torch, ...) so that load drift on a shared machine hits both sides alike.
+    `args`: the parsed flags of `main`."""
     model = random_star(name)
     n_tokens = args.tokens or image_tokens(model.vq_cfg)
     lm_params = sum(star.count_params(getattr(model, c)) for c in ("base", "stacked_ar", "pixel_adapter", "image_head"))
@@ -198,40 +199,43 @@ def _seconds(fn) -> float:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m star_jax.bench generate")
-    p.add_argument("--sizes", default="shapes,star_100m")
-    p.add_argument("--batch", type=int, default=4, help="images per call (2x rows with CFG), both sides")
-    p.add_argument("--tokens", type=int, default=0, help="image tokens per image; 0 = the size's VQ grid")
-    p.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per side (alternating; median reported)")
-    p.add_argument("--cfg", type=float, default=1.1, help="guidance weight (reference demo: 1.1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=1000, help="reference demo: 1000")
-    p.add_argument("--top-p", type=float, default=0.8, help="reference demo: 0.8")
-    p.add_argument(
-        "--torch-threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads (0 = torch's default); on a shared CPU one thread is the reference's "
-        "fastest: its OpenMP threads spin against other processes",
+    fv = flags.FlagValues()
+    flags.DEFINE_string(
+        "sizes", "shapes,star_100m", "comma-separated sizes (configs/sizes.py, BENCH_SIZES)", flag_values=fv
     )
-    args = p.parse_args(argv[1:])
-
+    flags.DEFINE_integer("batch", 4, "images per call (2x rows with CFG), both sides", flag_values=fv)
+    flags.DEFINE_integer("tokens", 0, "image tokens per image; 0 = the size's VQ grid", flag_values=fv)
+    flags.DEFINE_integer("prompt", 32, "prompt tokens", flag_values=fv)
+    flags.DEFINE_integer("repeats", 3, "timed calls per side (alternating; median reported)", flag_values=fv)
+    flags.DEFINE_float("cfg", 1.1, "guidance weight (reference demo: 1.1)", flag_values=fv)
+    flags.DEFINE_float("temperature", 1.0, "0 = greedy", flag_values=fv)
+    flags.DEFINE_integer("top_k", 1000, "reference demo: 1000", flag_values=fv)
+    flags.DEFINE_float("top_p", 0.8, "reference demo: 0.8", flag_values=fv)
+    flags.DEFINE_integer(
+        "torch_threads",
+        1,
+        "torch intra-op threads (0 = torch's default); on a shared CPU one thread is the reference's "
+        "fastest: its OpenMP threads spin against other processes",
+        flag_values=fv,
+    )
+    for name in ("top_k", "top_p", "torch_threads"):  # the spellings of earlier versions
+        flags.DEFINE_alias(name.replace("_", "-"), name, flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
     print(
         f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} CPUs, "
-        f"torch threads {args.torch_threads or len(os.sched_getaffinity(0))}, float32, batch {args.batch} images "
-        f"({2 * args.batch} CFG rows), prompt {args.prompt} tokens, cfg {args.cfg}, temperature "
-        f"{args.temperature}, top-k {args.top_k}, top-p {args.top_p}, {args.repeats} alternating calls per side"
+        f"torch threads {fv.torch_threads or len(os.sched_getaffinity(0))}, float32, batch {fv.batch} images "
+        f"({2 * fv.batch} CFG rows), prompt {fv.prompt} tokens, cfg {fv.cfg}, temperature "
+        f"{fv.temperature}, top-k {fv.top_k}, top-p {fv.top_p}, {fv.repeats} alternating calls per side"
     )
     header = (
         f"{'size':<10} {'LM params':>10} {'codebook':>9} {'tokens':>6} {'star_jax img/s':>15} "
         f"{'torch ref img/s':>16} {'speed-up':>9} {'best/best':>10} {'jax compile s':>14}"
     )
-    bandwidth = weight_stream_bandwidth(2 * args.batch)
+    bandwidth = weight_stream_bandwidth(2 * fv.batch)
     print(header)
     print("-" * len(header))
-    for name in args.sizes.split(","):
-        r = bench_size(name, args)
+    for name in fv.sizes.split(","):
+        r = bench_size(name, fv)
         print(
             f"{r['size']:<10} {r['lm_params_m']:>9.1f}M {r['codebook_m']:>8.1f}M {r['tokens']:>6} "
             f"{r['jax_img_s']:>15.3f} {r['torch_img_s']:>16.3f} {r['jax_img_s'] / r['torch_img_s']:>8.2f}x "
@@ -243,7 +247,7 @@ def main(argv: list[str]) -> int:
             f"torch {', '.join(f'{t:.2f}' for t in r['torch_times'])}",
             flush=True,
         )
-        roofline = args.batch / (r["tokens"] * r["streamed_bytes"] / bandwidth)
+        roofline = fv.batch / (r["tokens"] * r["streamed_bytes"] / bandwidth)
         print(
             f"{'':<10} weight-bandwidth roofline: {r['streamed_mib']:.0f} MiB read per token at "
             f"{bandwidth / 2**30:.1f} GiB/s (measured above) -> {roofline:.3f} img/s; star_jax at "

@@ -2,7 +2,7 @@
 
 This is the only module that imports torch on the decode path. It rebuilds a star_jax `Star` in
 transformers Qwen2 layers plus a torch pixel adapter and image head, with the *same* weights
-(taken through the mapping table, `mapping.to_ref` on each entry), and runs the reference's
+(taken through the mapping table, `table.to_ref` on each `star_table` entry), and runs the reference's
 procedure: a Python loop of exactly N steps, Hugging Face `DynamicCache`s for the base and the
 stack, CFG pairs as rows 2i (conditional) / 2i + 1 (unconditional):
 
@@ -24,7 +24,9 @@ import torch
 from flax import nnx
 from transformers import DynamicCache, Qwen2Config, Qwen2Model
 
-from star_jax.convert import mapping
+from star_jax.convert import star_table
+from star_jax.convert.hf_config import qwen2_text_config
+from star_jax.convert.table import to_ref
 from star_jax.models.star import Star
 
 # The reference tensors the decode loop uses, and where they go in `TorchStar`.
@@ -35,17 +37,15 @@ TORCH_PREFIXES = dict(zip(REFERENCE_PREFIXES, ("base.", "stack.", "adapter.", "h
 def reference_state_dict(model: Star) -> dict[str, np.ndarray]:
     """The reference-named tensors (`llm.model.*`, `stacked_ar.model.*`, adapter, head) of `model`."""
     flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    entries = [e for e in mapping.star_entries(model) if e.ref.startswith(REFERENCE_PREFIXES)]
+    entries = [e for e in star_table.star_entries(model) if e.ref.startswith(REFERENCE_PREFIXES)]
     out = {}
     for entry in entries:
-        for name, value in mapping.to_ref(entry, np.asarray(flat[entry.flax], np.float32)):
+        for name, value in to_ref(entry, np.asarray(flat[entry.flax], np.float32)):
             out[name] = value
     return out
 
 
 def _qwen2_config(cfg, num_layers: int, vocab_size: int) -> Qwen2Config:
-    from star_jax.convert.export import qwen2_text_config
-
     return Qwen2Config(
         **qwen2_text_config(cfg, num_layers=num_layers, vocab_size=vocab_size), tie_word_embeddings=False
     )

@@ -10,15 +10,15 @@ packed sequence of a batch of mixed sizes must.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 from flax import nnx
 
 from star_jax import sharding
 from star_jax.bench.decoder import timed
+from star_jax.cli import common
 from star_jax.configs import sizes
 from star_jax.models import vision, vision_preprocess
 
@@ -55,19 +55,19 @@ def bench_size(name: str, batch: int, image: int, repeats: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m star_jax.bench vision", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="shapes")
-    parser.add_argument("--image", default="64", help="image side in px, one per size")
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv[1:])
-    names, images = args.sizes.split(","), [int(x) for x in args.image.split(",")]
+    fv = flags.FlagValues()
+    flags.DEFINE_string("sizes", "shapes", "comma-separated sizes of configs/sizes.py", flag_values=fv)
+    flags.DEFINE_string("image", "64", "image side in px, one per size", flag_values=fv)
+    flags.DEFINE_integer("batch", 32, "images per step", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "timed steps (median reported)", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
+    names, images = fv.sizes.split(","), [int(x) for x in fv.image.split(",")]
     if len(images) != len(names):
-        raise SystemExit(f"--image: {len(images)} values for {len(names)} sizes")
-    print(f"device: {jax.devices()[0].device_kind}, batch {args.batch}, forward + backward, median of {args.repeats}")
+        common.usage_error(argv[0], f"--image: {len(images)} values for {len(names)} sizes")
+    print(f"device: {jax.devices()[0].device_kind}, batch {fv.batch}, forward + backward, median of {fv.repeats}")
     print(f"{'size':<10}{'image':>6}{'tok/img':>8}{'per-frame img/s':>17}{'masked-block img/s':>20}{'speedup':>9}")
     for name, image in zip(names, images):
-        r = bench_size(name, args.batch, image, args.repeats)
+        r = bench_size(name, fv.batch, image, fv.repeats)
         print(
             f"{r['size']:<10}{r['image']:>6}{r['tokens_per_image']:>8}{r['per_frame_img_s']:>17.1f}"
             f"{r['masked_block_img_s']:>20.1f}{r['speedup']:>8.1f}x"

@@ -3,14 +3,16 @@ edits a batch of images (one instruction per image, or one for all)."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from star_jax.cli.generate import sampling_flags
+from star_jax import init_sources
+from star_jax.cli import common
+from star_jax.cli.generate import DRAWING_STAGES, sampling_flags
+from star_jax.decode import runner
 
 
 def read_image(path: str) -> np.ndarray:
@@ -25,35 +27,34 @@ def read_image(path: str) -> np.ndarray:
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=argv[0], description=__doc__)
-    p.add_argument("--image", action="append", required=True)
-    p.add_argument("--instruction", action="append", required=True)
-    sampling_flags(p)
-    args = p.parse_args(argv[1:])
-    instructions = args.instruction * len(args.image) if len(args.instruction) == 1 else args.instruction
+    fv = flags.FlagValues()
+    flags.DEFINE_multi_string("image", None, "image file to edit (repeat for a batch)", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "instruction", None, "edit instruction: one for all images, or one per --image", flag_values=fv
+    )
+    flags.mark_flags_as_required(["image", "instruction"], flag_values=fv)
+    sampling_flags(fv)
+    common.parse_flags(fv, argv, __doc__)
+    prog = argv[0]
+    if len(fv.instruction) not in (1, len(fv.image)):
+        common.usage_error(prog, f"{len(fv.instruction)} --instruction for {len(fv.image)} --image: give 1 or one each")
+    instructions = fv.instruction * len(fv.image) if len(fv.instruction) == 1 else fv.instruction
     try:
-        images = [read_image(path) for path in args.image]
-    except ValueError as e:
-        print(f"star-jax edit: {e}", file=sys.stderr)
-        return 2
-    from star_jax.decode import runner
-
-    try:
-        star = runner.StarRunner.from_workdir(args.workdir)
+        images = [read_image(path) for path in fv.image]
+        star = runner.StarRunner(*init_sources.load_workdir(fv.workdir, DRAWING_STAGES)[:2])
         out = star.edit(
             images,
             instructions,
-            cfg=args.cfg,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            seed=args.seed,
+            cfg=fv.cfg,
+            top_k=fv.top_k,
+            top_p=fv.top_p,
+            temperature=fv.temperature,
+            seed=fv.seed,
         )
-    except ValueError as e:
-        print(f"star-jax edit: {e}", file=sys.stderr)
-        return 2
-    os.makedirs(args.out, exist_ok=True)
+    except (ValueError, init_sources.WorkdirError) as e:  # unreadable images, no checkpoint, bad instructions
+        return common.error(prog, e)
+    os.makedirs(fv.out, exist_ok=True)
     for i, img in enumerate(out):
-        Image.fromarray(img).save(os.path.join(args.out, f"edit_{i:03d}.png"))
-    print(f"wrote {len(out)} edited images to {args.out}")
+        Image.fromarray(img).save(os.path.join(fv.out, f"edit_{i:03d}.png"))
+    print(f"wrote {len(out)} edited images to {fv.out}")
     return 0

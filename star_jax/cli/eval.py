@@ -1,12 +1,9 @@
 """`star-jax eval shapes`: score a folder of shapes-world images with ShapeEval and print GenEval's table.
 `star-jax eval qa`: shapes-world QA accuracy per question type of a trained base, with its control.
-`star-jax eval tower`: what a vision tower's tokens carry, read by the vision stage's heads
-(`star_jax.eval.tower`): cell shape / colour / centre, relation bits, position answers from them.
 
   star-jax eval shapes --images DIR [--metadata FILE] [--results FILE]
   star-jax eval shapes --write_gt N --out DIR [--resolution 64] [--split validation] [--seed 0]
   star-jax eval qa --workdir W [--stage understanding] [--num 480] [--split validation] [--seed 0]
-  star-jax eval tower --workdir W [--tower understanding] [--num 480]
 
 `eval qa` asks `--num` questions of the split (exact match on the answer) with the right images,
 then the same questions about another scene's image: the control, what the base answers from priors.
@@ -20,15 +17,20 @@ Folder layouts read:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import re
-import sys
 
 import numpy as np
+from absl import flags
 from PIL import Image
+
+from star_jax import init_sources, shapes
+from star_jax.cli import common
+from star_jax.decode import runner as runner_lib
+from star_jax.eval import shapes_world
+from star_jax.shapes import captions
 
 
 def _flat(images: str, metadata: str) -> list[tuple[str, dict]]:
@@ -69,8 +71,6 @@ def list_images(images: str, metadata: str | None = None) -> list[tuple[str, dic
 
 def score_folder(images: str, metadata: str | None = None) -> list[dict]:
     """One GenEval result row {"filename", "tag", "prompt", "correct", "reason", "metadata"} per image."""
-    from star_jax import shapes
-
     results = []
     for path, meta in list_images(images, metadata):
         meta = {k: v for k, v in meta.items() if k != "filename"}
@@ -92,8 +92,6 @@ def score_folder(images: str, metadata: str | None = None) -> list[dict]:
 
 def write_ground_truth(out: str, per_task: int, *, resolution: int = 64, split: str = "validation", seed: int = 0):
     """Render `per_task` ground-truth images for each GenEval tag into `out` (flat layout). Returns the count."""
-    from star_jax import shapes
-
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "metadata.jsonl"), "w") as f:
         for tag in shapes.GENEVAL_TAGS:
@@ -107,10 +105,7 @@ def write_ground_truth(out: str, per_task: int, *, resolution: int = 64, split: 
 
 def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: int) -> dict:
     """QA of `stage`'s checkpoint in `workdir`: {"per_kind": {kind: {"accuracy", "control", "n"}}, "overall", "control"}."""
-    from star_jax.decode import runner as runner_lib
-    from star_jax.eval import shapes_world
-
-    runner = runner_lib.StarRunner.from_workdir(workdir, stages=(stage,))
+    runner = runner_lib.StarRunner(*init_sources.load_workdir(workdir, (stage,))[:2])
     real = shapes_world.understanding(runner, num=num, split=split, seed=seed)
     control = shapes_world.understanding(runner, num=num, split=split, seed=seed, shuffle_images=True)
     counts = collections.Counter(real["kinds"])
@@ -132,8 +127,6 @@ def answers_by_form(answers: list[tuple[str, str, str]], top: int = 3) -> dict:
     predictions, each [[text, count], ...]}}. Shows what a base answers from priors (one
     prediction for every question of a form) and what it reads from the image. Predictions are
     final answers (`captions.final_answer`), without any reasoning before them."""
-    from star_jax.shapes import captions
-
     groups = collections.defaultdict(list)
     for q, a, p in answers:
         groups[captions.question_form(q)].append((a.strip(), captions.final_answer(p)))
@@ -177,113 +170,67 @@ def format_qa(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _workdir_main(argv: list[str], name: str, description: str, workdir_help: str, num_help: str, add, run, fmt) -> int:
-    """A workdir subcommand (`qa`, `tower`): its own flags (`add(parser)`), then `run(args)` ->
-    result, optionally written as JSON, printed with `fmt`. A bad workdir exits 2 with the reason."""
-    p = argparse.ArgumentParser(
-        prog=f"{argv[0]} {name}", description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+def _qa_main(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "a run's workdir", flag_values=fv)
+    flags.DEFINE_string(
+        "stage", "understanding", "whose checkpoint answers (understanding, generation, editing)", flag_values=fv
     )
-    p.add_argument("--workdir", required=True, help=workdir_help)
-    add(p)
-    p.add_argument("--num", type=int, default=480, help=num_help)
-    p.add_argument("--split", default="validation")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", help="write the result as JSON here")
-    args = p.parse_args(argv[2:])
-    if args.num < 1:
-        p.error(f"--num must be >= 1, got {args.num}")
-    from star_jax.decode.runner import WorkdirError
-
+    flags.DEFINE_integer("num", 480, "questions", lower_bound=1, flag_values=fv)
+    flags.DEFINE_string("split", "validation", "shapes-world split of the questions", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "which questions of the split", flag_values=fv)
+    flags.DEFINE_string("results", None, "write the result as JSON here", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
     try:
-        result = run(args)
-    except WorkdirError as e:
-        print(f"{argv[0]} {name}: {e}", file=sys.stderr)
-        return 2
-    if args.results:
-        with open(args.results, "w") as f:
+        result = question_answering(fv.workdir, stage=fv.stage, num=fv.num, split=fv.split, seed=fv.seed)
+    except init_sources.WorkdirError as e:
+        return common.error(argv[0], e)
+    if fv.results:
+        with open(fv.results, "w") as f:
             json.dump(result, f, indent=1)
-    print(fmt(result))
+    print(format_qa(result))
     return 0
 
 
-def _qa_main(argv: list[str]) -> int:
-    return _workdir_main(
-        argv,
-        "qa",
-        __doc__,
-        "a run's workdir",
-        "questions",
-        lambda p: p.add_argument(
-            "--stage", default="understanding", help="whose checkpoint answers (understanding, generation, editing)"
-        ),
-        lambda a: question_answering(a.workdir, stage=a.stage, num=a.num, split=a.split, seed=a.seed),
-        format_qa,
-    )
-
-
-def _tower_main(argv: list[str]) -> int:
-    from star_jax.eval import tower
-
-    return _workdir_main(
-        argv,
-        "tower",
-        tower.__doc__,
-        "a run's workdir with a vision stage trained on scene labels",
-        "validation QA examples (their images and questions)",
-        lambda p: p.add_argument(
-            "--tower",
-            default=None,
-            help="read the tower as this later stage left it (e.g. understanding); default: vision",
-        ),
-        lambda a: tower.probe(a.workdir, tower_stage=a.tower, num=a.num, split=a.split, seed=a.seed),
-        tower.format_probe,
-    )
-
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("benchmark", choices=["shapes", "qa", "tower"], help="what to evaluate")
-    p.add_argument("--images", help="folder of PNGs to score")
-    p.add_argument("--metadata", help="metadata JSONL (flat layout); default IMAGES/metadata.jsonl")
-    p.add_argument("--results", help="write one JSON result per image here")
-    p.add_argument("--write_gt", type=int, default=0, metavar="N", help="render N ground-truth images per task")
-    p.add_argument("--out", help="output folder of --write_gt")
-    p.add_argument("--resolution", type=int, default=64, help="image side of --write_gt")
-    p.add_argument("--split", default="validation", help="shapes-world split of --write_gt")
-    p.add_argument("--seed", type=int, default=0, help="seed of --write_gt")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    """Entry point; argv[0] is the program name."""
-    from star_jax import shapes
-
-    if len(argv) > 1 and argv[1] == "qa":
-        return _qa_main(argv)
-    if len(argv) > 1 and argv[1] == "tower":
-        return _tower_main(argv)
-    parser = _parser(argv[0] if argv else "star-jax eval")
-    args = parser.parse_args(argv[1:])
-    if args.write_gt:
-        if not args.out:
-            parser.error("--write_gt needs --out DIR")
-        n = write_ground_truth(args.out, args.write_gt, resolution=args.resolution, split=args.split, seed=args.seed)
-        print(f"wrote {n} images and metadata.jsonl to {args.out}")
-        if not args.images:
+def _shapes_main(argv: list[str]) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("images", None, "folder of PNGs to score", flag_values=fv)
+    flags.DEFINE_string("metadata", None, "metadata JSONL (flat layout); default IMAGES/metadata.jsonl", flag_values=fv)
+    flags.DEFINE_string("results", None, "write one JSON result per image here", flag_values=fv)
+    flags.DEFINE_integer("write_gt", 0, "render N ground-truth images per task", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("out", None, "output folder of --write_gt", flag_values=fv)
+    flags.DEFINE_integer("resolution", 64, "image side of --write_gt", flag_values=fv)
+    flags.DEFINE_string("split", "validation", "shapes-world split of --write_gt", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of --write_gt", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
+    prog = argv[0]
+    if fv.write_gt:
+        if not fv.out:
+            common.usage_error(prog, "--write_gt needs --out DIR")
+        n = write_ground_truth(fv.out, fv.write_gt, resolution=fv.resolution, split=fv.split, seed=fv.seed)
+        print(f"wrote {n} images and metadata.jsonl to {fv.out}")
+        if not fv.images:
             return 0
-    if not args.images:
-        parser.error("--images DIR is required (or --write_gt N --out DIR)")
+    if not fv.images:
+        common.usage_error(prog, "--images DIR is required (or --write_gt N --out DIR)")
     try:
-        results = score_folder(args.images, args.metadata)
+        results = score_folder(fv.images, fv.metadata)
     except (OSError, ValueError) as e:
-        print(f"{argv[0] if argv else 'star-jax eval'}: {e}", file=sys.stderr)
-        return 2
-    if args.results:
-        with open(args.results, "w") as f:
+        return common.error(prog, e)
+    if fv.results:
+        with open(fv.results, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
     print(shapes.format_table(results))
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+SUBCOMMANDS: common.Subcommands = {
+    "shapes": (_shapes_main, "score a folder of shapes-world images with ShapeEval (GenEval's table)"),
+    "qa": (_qa_main, "shapes-world QA accuracy of a trained base, with its shuffled-image control"),
+}
+
+
+def main(argv: list[str]) -> int:
+    """Entry point; argv[0] is the program name."""
+    return common.dispatch(argv, SUBCOMMANDS, __doc__)

@@ -12,6 +12,9 @@ import sys
 from absl import flags
 
 from star_jax.cli import common
+from star_jax.convert import export, verify
+from star_jax.convert.table import CheckpointError
+from star_jax.convert.tensor_io import SafetensorsFile
 
 STAGES = ("editing", "generation", "understanding")
 
@@ -50,9 +53,6 @@ def main(argv: list[str]) -> int:
     if stage is None:
         print(f"star-jax export: no stage with a config.json under {fv.workdir}", file=sys.stderr)
         return 2
-    from star_jax.convert import export, verify
-    from star_jax.convert.checkpoint_files import CheckpointError, SafetensorsFile
-
     try:
         if fv.format == "star":
             summary = export.export_star(fv.workdir, stage, fv.out, step=fv.step, dtype=fv.dtype, write_pt=fv.pt)

@@ -11,6 +11,8 @@ import sys
 from absl import flags
 
 from star_jax.cli import common
+from star_jax.convert import importer, verify
+from star_jax.convert.table import CheckpointError
 
 
 def _define(fv):
@@ -34,9 +36,6 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    from star_jax.convert import importer, verify
-    from star_jax.convert.checkpoint_files import CheckpointError
-
     try:
         summary = importer.import_star(
             fv.config,

@@ -8,37 +8,34 @@ none). Configs are `configs/star.py:size=<size>,stage=<stage>` with their defaul
 
 from __future__ import annotations
 
-import argparse
-import sys
+from absl import flags
 
-from star_jax import optim
+from star_jax import optim, stages
+from star_jax.cli import common
 from star_jax.configs import star
 
 
-def table(sizes: list[str], stages: list[str]) -> list[dict]:
+def table(sizes: list[str], stage_names: list[str]) -> list[dict]:
     """One `optim.footprint` dict per (size, stage), with "size" and "stage" added."""
     rows = []
     for size in sizes:
-        for stage in stages:
+        for stage in stage_names:
             rows.append({"size": size, "stage": stage} | optim.footprint(star.get_config(f"size={size},stage={stage}")))
     return rows
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="star-jax params", description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", default="3b,7b", help="comma-separated sizes of configs/sizes.py")
-    parser.add_argument("--stages", default="understanding,generation,editing", help="comma-separated stages")
-    args = parser.parse_args(argv[1:])
-    sizes, stages = args.sizes.split(","), args.stages.split(",")
-    bad = [s for s in stages if s not in star.STAGES]
+    fv = flags.FlagValues()
+    flags.DEFINE_list("sizes", ["3b", "7b"], "comma-separated sizes of configs/sizes.py", flag_values=fv)
+    flags.DEFINE_list("stages", ["understanding", "generation", "editing"], "comma-separated stages", flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
+    bad = [s for s in fv.stages if s not in stages.names()]
     if bad:
-        print(f"star-jax params: --stages {bad[0]!r} is not a stage; known: {list(star.STAGES)}", file=sys.stderr)
-        return 2
+        return common.error(argv[0], f"--stages {bad[0]!r} is not a stage; known: {list(stages.names())}")
     try:
-        rows = table(sizes, stages)
+        rows = table(fv.sizes, fv.stages)
     except ValueError as e:
-        print(f"star-jax params: {e}", file=sys.stderr)
-        return 2
+        return common.error(argv[0], e)
     gib = 2.0**30
     print("| size | stage | total params | trainable | frozen | param GiB | optimizer GiB |")
     print("|---|---|---|---|---|---|---|")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from star_jax import tasks, train
+from star_jax import train
 from star_jax.cli import common
 
 
@@ -17,6 +17,6 @@ def main(argv: list[str]) -> int:
         )
         return 2
     config = fv.config
-    out = train.train_and_evaluate(config, fv.workdir, tasks.make_task(config))
+    out = train.train_and_evaluate(config, fv.workdir)
     print({k: round(v, 5) for k, v in out.items()})
     return 0

@@ -18,11 +18,18 @@ the VQ's `image_size` and scaled to [-1, 1]. Each ArrayRecord record is a msgpac
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import numpy as np
+from absl import flags
+from flax import nnx
+
+from star_jax import images as image_lib
+from star_jax import init_sources, sharding
+from star_jax.cli import common
+from star_jax.convert import vq_io
+from star_jax.eval import shapes_world
+from star_jax.models import vq
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -94,29 +101,16 @@ def load_image(path: str, size: int) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, np.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[..., 3] float in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
-    return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+        rgb = np.asarray(im.convert("RGB"))
+    return image_lib.to_unit_range(image_lib.resize_square(rgb, size))
 
 
 def build_model(weights: str | None, size: str | None, seed: int = 0, **overrides):
     """The VQModel of `--weights` (config from `--size` when given, else from the tensor shapes) or
     a random init of `--size`."""
-    from flax import nnx
-
-    from star_jax import sharding
-    from star_jax.convert import safetensors_io
-    from star_jax.models import vq
-
     if weights:
         cfg = vq.VQConfig.from_size(size, **overrides) if size else None
-        return safetensors_io.load_vq(weights, cfg, **({} if size else overrides))
+        return vq_io.load_vq(weights, cfg, **({} if size else overrides))
     if not size:
         raise ValueError("give --weights FILE (reference names) or --size NAME (random init, smoke use)")
     cfg = vq.VQConfig.from_size(size, **overrides)
@@ -127,33 +121,6 @@ def build_model(weights: str | None, size: str | None, seed: int = 0, **override
 VQ_STAGES = ("vq", "editing", "generation")  # stages whose checkpoints hold the VQ
 
 
-def model_from_workdir(workdir: str):
-    """The trained VQModel of a star_jax run: the first of VQ_STAGES under `workdir` with a checkpoint."""
-    from flax import nnx
-
-    from star_jax import sharding, tasks
-    from star_jax.decode.runner import first_trained_stage
-    from star_jax.models import vq
-
-    class VQOnly(nnx.Module):  # the `vq/...` param paths of a STAR checkpoint
-        def __init__(self, cfg):
-            self.vq = vq.VQModel(cfg, rngs=nnx.Rngs(0))
-
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"--workdir {workdir}: not a directory")
-    found = first_trained_stage(workdir, VQ_STAGES)
-    if found is None:
-        raise FileNotFoundError(f"--workdir {workdir}: no checkpoint of any of the stages {VQ_STAGES}")
-    stage, config = found
-    mesh = sharding.single_device_mesh()
-    model = sharding.create_sharded(
-        lambda: VQOnly(vq.VQConfig.from_dict(config.model.vq)), mesh, sharding.DEFAULT_RULES
-    )
-    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        tasks.load_from_stage(model, workdir, stage)
-    return model.vq
-
-
 def _batches(items, n):
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -161,8 +128,6 @@ def _batches(items, n):
 
 def encode_folder(model, folder: str, out: str, batch_size: int = 8) -> int:
     """Encodes every image under `folder` into `out` (ArrayRecord); names are relative paths without suffix."""
-    from flax import nnx
-
     files = list_images(folder)
     size = model.cfg.image_size
     encode = nnx.jit(lambda m, x: m.encode_to_codes(x))
@@ -181,7 +146,6 @@ def encode_folder(model, folder: str, out: str, batch_size: int = 8) -> int:
 
 def decode_codes_to_folder(model, codes_path: str, out: str, batch_size: int = 8) -> int:
     """Decodes every record of `codes_path` to `out/{name}.png`; returns the number written."""
-    from flax import nnx
     from PIL import Image
 
     records = read_codes(codes_path)
@@ -198,7 +162,7 @@ def decode_codes_to_folder(model, codes_path: str, out: str, batch_size: int = 8
             raise ValueError(f"{codes_path}: codes of {bad[:5]} are outside [0, codebook_size={k})")
         pad = batch_size - len(chunk)
         codes = np.concatenate([codes, np.zeros((pad, *codes.shape[1:]), codes.dtype)]) if pad else codes
-        images = to_uint8(decode(model, codes))
+        images = image_lib.to_uint8(decode(model, codes))
         for (name, _), img in zip(chunk, images):
             path = os.path.join(out, name + ".png")
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -207,70 +171,86 @@ def decode_codes_to_folder(model, codes_path: str, out: str, batch_size: int = 8
     return n
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("action", choices=["encode", "decode", "ceiling"])
-    p.add_argument("--images", help="encode: folder of images")
-    p.add_argument("--codes", help="decode: ArrayRecord file of codes")
-    p.add_argument("--out", help="encode: ArrayRecord file to write; decode: folder for PNGs")
-    p.add_argument("--per_task", type=int, default=16, help="ceiling: prompts per GenEval task")
-    p.add_argument("--usage_images", type=int, default=1024, help="ceiling: renders for codebook usage")
-    p.add_argument("--workdir", help="a star_jax run: the VQ of its newest vq (or later stage) checkpoint")
-    p.add_argument("--weights", help="VQ weights (.safetensors / .pt, reference names)")
-    p.add_argument("--size", help="size-table name (configs/sizes.py): the config, or a random init without --weights")
-    p.add_argument("--image_size", type=int, help="override the VQ's image_size (encode resize target)")
-    p.add_argument("--attn_heads", type=int, help="attention heads (not stored in a state dict; default 8)")
-    p.add_argument("--norm_groups", type=int, help="GroupNorm groups (not stored in a state dict; default 32)")
-    p.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="random init seed (--size without --weights)")
-    return p
+def _define(fv: flags.FlagValues) -> None:
+    """The flags of every `vq` subcommand: where the VQ comes from, and its overrides."""
+    flags.DEFINE_string(
+        "workdir", None, "a star_jax run: the VQ of its newest vq (or later stage) checkpoint", flag_values=fv
+    )
+    flags.DEFINE_string("weights", None, "VQ weights (.safetensors / .pt, reference names)", flag_values=fv)
+    flags.DEFINE_string(
+        "size",
+        None,
+        "size-table name (configs/sizes.py): the config, or a random init without --weights",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("image_size", None, "override the VQ's image_size (encode resize target)", flag_values=fv)
+    flags.DEFINE_integer("attn_heads", None, "attention heads (not stored in a state dict; default 8)", flag_values=fv)
+    flags.DEFINE_integer(
+        "norm_groups", None, "GroupNorm groups (not stored in a state dict; default 32)", flag_values=fv
+    )
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "images per compiled call", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "random init seed (--size without --weights)", flag_values=fv)
+    flags.DEFINE_string("images", None, "encode: folder of images", flag_values=fv)
+    flags.DEFINE_string("codes", None, "decode: ArrayRecord file of codes", flag_values=fv)
+    flags.DEFINE_string("out", None, "encode: ArrayRecord file to write; decode: folder for PNGs", flag_values=fv)
+    flags.DEFINE_integer("per_task", 16, "ceiling: prompts per GenEval task", lower_bound=1, flag_values=fv)
+    flags.DEFINE_integer("usage_images", 1024, "ceiling: renders for codebook usage", lower_bound=1, flag_values=fv)
+
+
+def _load_model(fv: flags.FlagValues):
+    """The VQModel that the flags name: `--workdir`, `--weights` or `--size`."""
+    if fv.workdir and (fv.weights or fv.size):
+        raise ValueError("give one of --workdir, --weights and --size")
+    if fv.workdir:
+        return init_sources.load_workdir(fv.workdir, VQ_STAGES)[0].vq
+    overrides = {k: fv[k].value for k in ("image_size", "attn_heads", "norm_groups") if fv[k].value}
+    return build_model(fv.weights, fv.size, fv.seed, dtype=fv.dtype, **overrides)
+
+
+def _run(argv: list[str], required: tuple[str, ...], action) -> int:
+    """Parses the `vq` flags with `required` ones, then prints `action(model, fv)`; a bad input exits 2."""
+    fv = flags.FlagValues()
+    _define(fv)
+    if required:
+        flags.mark_flags_as_required(list(required), flag_values=fv)
+    common.parse_flags(fv, argv, __doc__)
+    try:
+        print(action(_load_model(fv), fv))
+    except (OSError, ValueError, KeyError, init_sources.WorkdirError) as e:
+        return common.error(argv[0], e)
+    return 0
+
+
+def _encode(model, fv) -> str:
+    n = encode_folder(model, fv.images, fv.out, fv.batch_size)
+    g = model.cfg.grid_size
+    return f"encoded {n} images to {fv.out} ({g}x{g} codes each)"
+
+
+def _decode(model, fv) -> str:
+    n = decode_codes_to_folder(model, fv.codes, fv.out, fv.batch_size)
+    return f"decoded {n} images to {fv.out}"
+
+
+def _ceiling(model, fv) -> str:
+    r = shapes_world.vq_report(model, per_task=fv.per_task, usage_images=fv.usage_images)
+    summary = (
+        f"VQ ceiling: ShapeEval overall {r['summary']['overall']:.3f}, PSNR {r['psnr']:.2f} dB "
+        f"({6 * fv.per_task} validation renders); over {fv.usage_images} renders: codebook usage "
+        f"{r['codebook_usage']:.3f}, token entropy {r['token_entropy_bits']:.2f} bits, "
+        f"{r['background_codes']} distinct codes for all-background cells"
+    )
+    return f"{r['table']}\n{summary}"
+
+
+SUBCOMMANDS: common.Subcommands = {
+    "encode": (lambda argv: _run(argv, ("images", "out"), _encode), "a folder of images -> an ArrayRecord of codes"),
+    "decode": (lambda argv: _run(argv, ("codes", "out"), _decode), "an ArrayRecord of codes -> a folder of PNGs"),
+    "ceiling": (lambda argv: _run(argv, (), _ceiling), "PSNR, ShapeEval and codebook usage of round trips"),
+}
 
 
 def main(argv: list[str]) -> int:
     """Entry point; argv[0] is the program name."""
-    prog = argv[0] if argv else "star-jax vq"
-    parser = _parser(prog)
-    args = parser.parse_args(argv[1:])
-    if args.action == "encode" and not args.images:
-        parser.error("encode needs --images DIR")
-    if args.action == "decode" and not args.codes:
-        parser.error("decode needs --codes FILE")
-    if args.action != "ceiling" and not args.out:
-        parser.error(f"{args.action} needs --out")
-    overrides = {k: getattr(args, k) for k in ("image_size", "attn_heads", "norm_groups") if getattr(args, k)}
-    overrides["dtype"] = args.dtype
-    try:
-        if args.workdir and (args.weights or args.size):
-            raise ValueError("give one of --workdir, --weights and --size")
-        model = (
-            model_from_workdir(args.workdir)
-            if args.workdir
-            else build_model(args.weights, args.size, args.seed, **overrides)
-        )
-        if args.action == "encode":
-            n = encode_folder(model, args.images, args.out, args.batch_size)
-            g = model.cfg.grid_size
-            print(f"encoded {n} images to {args.out} ({g}x{g} codes each)")
-        elif args.action == "decode":
-            n = decode_codes_to_folder(model, args.codes, args.out, args.batch_size)
-            print(f"decoded {n} images to {args.out}")
-        else:
-            from star_jax.eval import shapes_world
-
-            r = shapes_world.vq_report(model, per_task=args.per_task, usage_images=args.usage_images)
-            print(r["table"])
-            print(
-                f"VQ ceiling: ShapeEval overall {r['summary']['overall']:.3f}, PSNR {r['psnr']:.2f} dB "
-                f"({6 * args.per_task} validation renders); over {args.usage_images} renders: codebook usage "
-                f"{r['codebook_usage']:.3f}, token entropy {r['token_entropy_bits']:.2f} bits, "
-                f"{r['background_codes']} distinct codes for all-background cells"
-            )
-    except (OSError, ValueError, KeyError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    return common.dispatch(argv, SUBCOMMANDS, __doc__)

@@ -1,16 +1,20 @@
-"""Weight conversion: one mapping table (mapping.py), Hugging Face import (hf.py, hf_vision.py),
-tensor files without pickles (checkpoint_files.py)."""
+"""Weight conversion between star_jax and the reference / Hugging Face layouts.
 
+Modules, by job:
+  table          the mapping-table machinery (transforms, entries, `load_params`); imports no other
+                 convert module
+  decoder_table, vision_table, vq_table, star_table
+                 one mapping table per model part (star_table composes the whole STAR)
+  tensor_io      safetensors read / write / streaming write, `torch.load(weights_only=True)` reader
+  hf_config      Hugging Face config.json read, checked and written
+  hf             Hugging Face directory -> standalone decoder / vision tower / VLM
+  vq_io          standalone VQ weights <-> `VQModel`
+  stage_reader   a stage checkpoint read tensor by tensor
+  export         stage -> reference STAR file or Hugging Face directory
+  importer       reference STAR file (+ HF directory + VQ) -> a stage directory
+  verify         exports compared with PyTorch
+"""
 
-def load_hf_decoder(path: str, **kwargs):
-    """Loads a local Hugging Face Qwen2 / Qwen2.5-VL directory's text decoder; see `hf.load_hf_decoder`."""
-    from star_jax.convert import hf
+from star_jax.convert.hf import load_hf_decoder, load_hf_vlm
 
-    return hf.load_hf_decoder(path, **kwargs)
-
-
-def load_hf_vlm(path: str, **kwargs):
-    """Loads a local Hugging Face Qwen2.5-VL directory (vision tower + decoder); see `hf_vision.load_hf_vlm`."""
-    from star_jax.convert import hf_vision
-
-    return hf_vision.load_hf_vlm(path, **kwargs)
+__all__ = ["load_hf_decoder", "load_hf_vlm"]

@@ -1,112 +1,83 @@
-"""Import of Hugging Face Qwen2 / Qwen2.5-VL directories into star_jax models.
+"""Import of Hugging Face Qwen2 / Qwen2.5-VL directories into standalone star_jax models.
 
-`load_hf_decoder(path)` reads `config.json` in both shapes (the published checkpoints' top-level
-text keys with `rope_scaling`, and the transformers >= 5 `text_config` / `rope_parameters`), the
-weights from `model.safetensors` or a sharded index (never a pickle), and returns a
-`qwen2.Decoder` whose params are placed straight into their shardings, one tensor at a time.
+`load_hf_decoder(path)` -> `qwen2.Decoder`, `load_hf_vision(path)` -> `vision.VisionTower`,
+`load_hf_vlm(path)` -> `vlm.VisionLanguageModel` (tower + decoder). `config.json` is read in both
+shapes (`hf_config`), weights from `model.safetensors` or a sharded index (never a pickle), and
+the params are placed straight into their shardings, one tensor at a time (`table.fill_state`).
+Tensor names: the on-disk layout of the published checkpoints and of `save_pretrained`
+(`visual.*`, `model.layers.*`, `lm_head.weight`) and the transformers >= 5 in-memory layout
+(`model.visual.*`, `model.language_model.*`) are both accepted, through `CanonicalNames`.
+Every mismatch is reported in one `CheckpointError` (missing / unexpected / mis-shaped).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
 from flax import nnx
 
 from star_jax import sharding
-from star_jax.convert import mapping
-from star_jax.convert.checkpoint_files import CheckpointError, TensorDirectory
-from star_jax.models import qwen2
+from star_jax.convert.decoder_table import decoder_entries
+from star_jax.convert.hf_config import QWEN_IMAGE_TOKEN_ID, decoder_config_from_hf, read_config, vision_config_from_hf
+from star_jax.convert.table import CheckpointError, fill_state, tensor_shape
+from star_jax.convert.tensor_io import TensorDirectory
+from star_jax.convert.vision_table import vision_entries
+from star_jax.models import qwen2, vision, vlm
+
+# transformers >= 5 in-memory prefix -> on-disk prefix
+_V5_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "model."))
 
 
-def read_config(path: str) -> dict:
-    """The parsed config.json of a Hugging Face model directory."""
-    file = os.path.join(path, "config.json")
-    if not os.path.exists(file):
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        with open(file) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+def canonical_name(name: str) -> str:
+    """The on-disk (published / save_pretrained) name of a Qwen2.5-VL tensor name in either layout."""
+    for v5, disk in _V5_PREFIXES:
+        if name.startswith(v5):
+            return disk + name[len(v5) :]
+    return name
 
 
-def decoder_config_from_hf(hf: Mapping, **overrides) -> qwen2.DecoderConfig:
-    """A DecoderConfig from a Qwen2 / Qwen2.5-VL config.json dict (either shape)."""
-    text = dict(hf.get("text_config") or hf)
-    rope = text.get("rope_parameters") or text.get("rope_scaling") or hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", text.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    heads = text["num_attention_heads"]
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    mrope = rope.get("mrope_section")
-    if mrope is None:  # plain Qwen2: 1-D RoPE; any split of the frequencies is equivalent
-        half = head_dim // 2
-        mrope = (half, 0, 0)
-    tie = hf.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-    return qwen2.DecoderConfig(
-        vocab_size=text["vocab_size"],
-        hidden_size=text["hidden_size"],
-        num_layers=text["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads", heads),
-        head_dim=head_dim,
-        intermediate_size=text["intermediate_size"],
-        rope_theta=float(theta),
-        mrope_section=tuple(mrope),
-        rms_eps=text.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(tie),
-        **overrides,
-    )
+class CanonicalNames(Mapping):
+    """A read-only view of a tensor mapping under on-disk names, whichever layout it was saved in."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
+        self._tensors = tensors
+        self._names: dict[str, str] = {}
+        clashes = []
+        for name in tensors:
+            canon = canonical_name(name)
+            if canon in self._names:
+                clashes.append(f"{self._names[canon]} / {name}")
+            self._names[canon] = name
+        if clashes:
+            raise CheckpointError(f"{source}: tensors present under both name layouts: " + ", ".join(clashes[:20]))
+
+    def __getitem__(self, name):
+        return self._tensors[self._names[name]]
+
+    def shape(self, name) -> tuple[int, ...]:
+        return tensor_shape(self._tensors, self._names[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self):
+        return len(self._names)
 
 
-def _shape(tensors, name: str) -> tuple[int, ...]:
-    # Lazy tensor files report shapes without reading data; plain dicts hold arrays.
-    return tuple(tensors.shape(name) if hasattr(tensors, "shape") else np.shape(tensors[name]))
+def read_directory(path: str) -> CanonicalNames:
+    """The tensors of a Hugging Face directory under on-disk names (lazy, memory-mapped)."""
+    return CanonicalNames(TensorDirectory(path), path)
 
 
-def load_params(
-    abstract_state,
-    entries: Iterable[mapping.Entry],
-    tensors: Mapping[str, np.ndarray],
-    *,
-    source: str,
-    ignore_prefixes: tuple[str, ...] = (),
-):
-    """Fills an abstract nnx state (ShapeDtypeStructs with shardings) from reference tensors.
-
-    Every problem is collected first, then raised as one CheckpointError listing missing,
-    unexpected and mis-shaped tensors. Tensors are converted and placed one at a time.
-    """
-    flat = dict(nnx.to_flat_state(abstract_state))
-    by_path = {"/".join(map(str, k)): k for k in flat}
-    entries = list(entries)
-    missing, misshaped, used = [], [], set()
-    for e in entries:
-        if e.flax not in by_path:
-            raise KeyError(f"mapping entry {e.flax!r} has no star_jax param (model/table mismatch)")
-        shape = flat[by_path[e.flax]].get_value().shape
-        for name, want in mapping.ref_names(e, shape):
-            used.add(name)
-            if name not in tensors:
-                missing.append(name)
-            elif (got := _shape(tensors, name)) != want:
-                misshaped.append(f"{name}: expected {want}, found {got}")
-    unexpected = sorted(n for n in tensors if n not in used and not n.startswith(ignore_prefixes))
-    if missing or unexpected or misshaped:
-        parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-            if items:
-                parts.append(f"{title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointError(f"{source}: weights do not match the model; " + "; ".join(parts))
-    for e in entries:
-        var = flat[by_path[e.flax]]
-        abstract = var.get_value()
-        value = mapping.to_flax(e, lambda n: tensors[n], abstract.shape).astype(abstract.dtype)
-        var.set_value(jax.device_put(value, abstract.sharding))
-    return nnx.from_flat_state(flat)
+def _load(path, make_model, entries, ignore_prefixes, mesh, rules):
+    tensors = read_directory(path)
+    mesh = mesh or sharding.single_device_mesh()
+    with sharding.use_mesh(mesh, rules):
+        graphdef, abstract = nnx.get_abstract_model(make_model, mesh)
+        state = fill_state(abstract, entries, tensors, source=path, ignore_prefixes=ignore_prefixes)
+        return nnx.merge(graphdef, state)
 
 
 def load_hf_decoder(
@@ -131,17 +102,82 @@ def load_hf_decoder(
       CheckpointError naming the file, or listing missing / unexpected / mis-shaped tensors.
     """
     cfg = decoder_config_from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype, **config_overrides)
-    tensors = TensorDirectory(path)
-    mesh = mesh or sharding.single_device_mesh()
-    with sharding.use_mesh(mesh, rules):
-        graphdef, abstract = nnx.get_abstract_model(lambda: qwen2.Decoder(cfg, rngs=nnx.Rngs(0)), mesh)
-        state = load_params(
-            abstract,
-            mapping.decoder_entries(cfg.tie_embeddings),
-            tensors,
-            source=path,
-            # Parts of a Qwen2.5-VL directory that are not the text decoder; a tied checkpoint may
-            # still carry an lm_head copy.
-            ignore_prefixes=("visual.",) + (("lm_head.",) if cfg.tie_embeddings else ()),
-        )
-        return nnx.merge(graphdef, state)
+    return _load(
+        path,
+        lambda: qwen2.Decoder(cfg, rngs=nnx.Rngs(0)),
+        decoder_entries(cfg.tie_embeddings),
+        # Parts of a Qwen2.5-VL directory that are not the text decoder; a tied checkpoint may
+        # still carry an lm_head copy.
+        ("visual.",) + (("lm_head.",) if cfg.tie_embeddings else ()),
+        mesh,
+        rules,
+    )
+
+
+def load_hf_vision(
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    **config_overrides,
+) -> vision.VisionTower:
+    """Loads the vision tower of a local Qwen2.5-VL Hugging Face directory.
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      dtype / param_dtype: compute and storage dtypes; mesh / rules: where params live.
+      config_overrides: VisionConfig fields such as scan_layers or remat_policy.
+    Returns:
+      a `vision.VisionTower`; `tower(pixel_values [N, patch_dim], grid_thw)` -> [N / 4, out_hidden].
+    Raises:
+      CheckpointError naming the file, or listing missing / unexpected / mis-shaped tensors.
+    """
+    cfg = vision_config_from_hf(read_config(path), dtype=dtype, param_dtype=param_dtype, **config_overrides)
+    return _load(
+        path,
+        lambda: vision.VisionTower(cfg, rngs=nnx.Rngs(0)),
+        vision_entries(cfg),
+        ("model.", "lm_head."),  # the text decoder
+        mesh,
+        rules,
+    )
+
+
+def load_hf_vlm(
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    vision_overrides: Mapping | None = None,
+    **decoder_overrides,
+) -> vlm.VisionLanguageModel:
+    """Loads a whole local Qwen2.5-VL Hugging Face directory (vision tower + text decoder).
+
+    Args:
+      path: directory with config.json (published or transformers >= 5 shape) and safetensors.
+      dtype / param_dtype: compute and storage dtypes of both parts.
+      mesh / rules: where params live (default: a 1-device mesh); placed tensor by tensor.
+      vision_overrides: VisionConfig fields (e.g. scan_layers); decoder_overrides: DecoderConfig fields.
+    Returns:
+      a `vlm.VisionLanguageModel`; `model(input_ids, pixel_values, grid_thw)` -> logits [B, T, V] f32.
+    Raises:
+      CheckpointError naming the file, or listing missing / unexpected / mis-shaped tensors.
+    """
+    config = read_config(path)
+    dec_cfg = decoder_config_from_hf(config, dtype=dtype, param_dtype=param_dtype, **decoder_overrides)
+    vis_cfg = vision_config_from_hf(config, dtype=dtype, param_dtype=param_dtype, **dict(vision_overrides or {}))
+    image_token_id = int(config.get("image_token_id", QWEN_IMAGE_TOKEN_ID))
+    entries = decoder_entries(dec_cfg.tie_embeddings, flax_prefix="decoder/")
+    entries += vision_entries(vis_cfg, flax_prefix="tower/")
+    return _load(
+        path,
+        lambda: vlm.VisionLanguageModel(vis_cfg, dec_cfg, image_token_id=image_token_id, rngs=nnx.Rngs(0)),
+        entries,
+        ("lm_head.",) if dec_cfg.tie_embeddings else (),  # a tied checkpoint may still carry a copy
+        mesh,
+        rules,
+    )

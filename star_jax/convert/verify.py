@@ -12,16 +12,18 @@ so a Qwen2 decoder is the reference for the stack.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from star_jax import sharding
-from star_jax.convert import export
-from star_jax.convert.checkpoint_files import CheckpointError
+from star_jax.convert.hf_config import qwen2_text_config
+from star_jax.convert.stage_reader import StageReader, build_star, stage_config
+from star_jax.convert.table import CheckpointError, place
 from star_jax.models import star
 
 
@@ -55,8 +57,6 @@ def torch_qwen2(cfg, tensors: Mapping, prefix: str, num_layers: int, *, causal_l
     """A transformers Qwen2ForCausalLM (`causal_lm`) or Qwen2Model holding `{prefix}model.*` tensors (fp32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Model
 
-    from star_jax.convert.export import qwen2_text_config
-
     fields = qwen2_text_config(cfg, num_layers=num_layers, vocab_size=None if causal_lm else 1)
     hf_cfg = Qwen2Config(**fields, tie_word_embeddings=cfg.tie_embeddings and causal_lm)
     model = (Qwen2ForCausalLM if causal_lm else Qwen2Model)(hf_cfg).eval()
@@ -72,9 +72,6 @@ def torch_qwen2(cfg, tensors: Mapping, prefix: str, num_layers: int, *, causal_l
 
 
 def _load_hf(hf_dir: str):
-    import json
-    import os
-
     import transformers
 
     with open(os.path.join(hf_dir, "config.json")) as f:
@@ -134,13 +131,13 @@ def compare(model: star.Star, *, tensors: Mapping | None = None, hf_dir: str | N
 def load_stage_model(workdir: str, stage: str, *, compute_dtype: str | None = "float32") -> star.Star:
     """The stage's STAR with its saved params (and VQ usage buffer), built abstractly and filled
     tensor by tensor from the checkpoint (no initialisers run). compute_dtype None keeps the config's."""
-    config = export.stage_config(workdir, stage)
+    config = stage_config(workdir, stage)
     if compute_dtype:
         config.model.decoder.dtype = compute_dtype
     mesh = sharding.single_device_mesh()
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        graphdef, state = nnx.get_abstract_model(lambda: star.build(config, stage, rngs=nnx.Rngs(0)), mesh)
-    reader = export.StageReader(workdir, stage)
+        graphdef, state = nnx.get_abstract_model(lambda: build_star(config, stage, rngs=nnx.Rngs(0)), mesh)
+    reader = StageReader(workdir, stage)
     try:
         flat = dict(nnx.to_flat_state(state))
         paths = {"/".join(map(str, p)): p for p in flat}
@@ -152,7 +149,7 @@ def load_stage_model(workdir: str, stage: str, *, compute_dtype: str | None = "f
         reader.close()
     for path, key in paths.items():
         abstract = flat[key].get_value()
-        flat[key].set_value(jax.device_put(values.pop(path).astype(abstract.dtype), abstract.sharding))
+        flat[key].set_value(place(values.pop(path).astype(abstract.dtype), abstract.sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -1,22 +1,19 @@
-"""A trained STAR loaded from a workdir, with its four tasks: text-to-image, editing (batched),
-understanding (text with stop tokens) and implicit reasoning (the base rewrites the prompt, then
-the stack draws it). Codes become pixels through the VQ decoder.
+"""A trained STAR and its four tasks: text-to-image, editing (batched), understanding (text with
+stop tokens) and implicit reasoning (the base rewrites the prompt, then the stack draws it). Codes
+become pixels through the VQ decoder. Model -> decoding only: loading a workdir is
+`init_sources.load_workdir` (`StarRunner(*init_sources.load_workdir(workdir, stages)[:2])`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
-from star_jax import sequences, sharding
+from star_jax import sequences
 from star_jax.decode import generate, text
-from star_jax.models import star, vq
+from star_jax.models import positions, star, vision, vision_preprocess, vq
 from star_jax.text import chat, tokenizer
 
 
@@ -32,15 +29,6 @@ def vq_call(model, method: str, x):
     """`model.<method>(x)` for a VQModel, through the compiled `_vq_call`."""
     graphdef, state = nnx.split(model)
     return _vq_call(method, graphdef, state, x)
-
-
-class WorkdirError(ValueError):
-    """A workdir that holds no usable STAR checkpoint."""
-
-
-def _read_config(stage_dir: str) -> ml_collections.ConfigDict:
-    with open(os.path.join(stage_dir, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
 
 
 def to_uint8(images) -> np.ndarray:
@@ -63,28 +51,9 @@ def to_float(images: np.ndarray, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def first_trained_stage(workdir: str, stages) -> tuple[str, ml_collections.ConfigDict] | None:
-    """(name, saved config) of the first of `stages` under `workdir` with a config and a checkpoint, or None."""
-    from star_jax import checkpointing
-
-    for name in stages:
-        stage_dir = os.path.join(workdir, name)
-        if not os.path.exists(os.path.join(stage_dir, "config.json")):
-            continue
-        ckpts = checkpointing.StageCheckpoints(workdir, name, read_only=True)
-        has = ckpts.latest_step() is not None
-        ckpts.close()
-        if has:
-            return name, _read_config(stage_dir)
-    return None
-
-
 def vit_inputs(model: star.Star, config, images_u8: np.ndarray):
     """The ViT's inputs for uint8 images [B, H, W, 3] (any size; resized to data.vit_image_size):
-    (pixels float32 [B, P, patch_dim], grid_thw of one image, the batch's `tasks.vit_layout_for`)."""
-    from star_jax import tasks
-    from star_jax.models import vision_preprocess
-
+    (pixels float32 [B, P, patch_dim], grid_thw of one image, the batch's static `vision.VisionLayout`)."""
     vcfg = model.vision_cfg
     size = config.data.vit_image_size
     resized = [np.asarray(to_uint8(x)) for x in to_float(images_u8, size)]
@@ -97,39 +66,20 @@ def vit_inputs(model: star.Star, config, images_u8: np.ndarray):
         temporal_patch_size=vcfg.temporal_patch_size,
     )
     grid = tuple(int(v) for v in grid[0])
-    layout = tasks.vit_layout_for(config, len(images_u8))
+    layout = vision.vit_layout(vcfg, size, len(images_u8))
     return pixels.reshape(len(images_u8), -1, pixels.shape[-1]), grid, layout
 
 
 class StarRunner:
-    """Inference over a workdir's newest generation / editing checkpoint."""
+    """Inference with a STAR model (`model.components` decide which tasks work: `understand` needs
+    the base and ViT; `text_to_image` / `edit` the whole model) and the config it was trained with."""
 
-    def __init__(self, model: star.Star, config, tok):
+    def __init__(self, model: star.Star, config, tok=None):
+        """tok: the tokenizer; None loads `config.data.tokenizer`."""
+        tok = tokenizer.load_tokenizer(config.data.tokenizer) if tok is None else tok
         self.model, self.config, self.tok = model, config, tok
         self.vq_grid = vq.grid_size(config.model.vq)
         self.num_tokens = self.vq_grid**2
-
-    @classmethod
-    def from_workdir(cls, workdir: str, stages: tuple[str, ...] = ("editing", "generation")) -> StarRunner:
-        """Loads the first of `stages` with a checkpoint under `workdir` (an `understanding`
-        checkpoint holds the base and ViT only: enough to `understand`)."""
-        from star_jax import tasks
-
-        if not os.path.isdir(workdir):
-            raise WorkdirError(f"--workdir {workdir!r} does not exist")
-        found = first_trained_stage(workdir, stages)
-        if found is None:
-            raise WorkdirError(f"--workdir {workdir!r} has no trained {' or '.join(stages)} checkpoint")
-        name, config = found
-        components = "understanding" if name == "understanding" else "editing"
-        model = sharding.create_sharded(
-            lambda: star.build(config, components, rngs=nnx.Rngs(0)),
-            sharding.single_device_mesh(),
-            sharding.DEFAULT_RULES,
-        )
-        with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-            tasks.load_from_stage(model, workdir, name)
-        return cls(model, config, tokenizer.load_tokenizer(config.data.tokenizer))
 
     # -- helpers --------------------------------------------------------------------------------
     def _stack(self, examples: list[dict]) -> dict:
@@ -274,8 +224,6 @@ class StarRunner:
         return t * h * w // self.model.vision_cfg.spatial_merge_size**2
 
     def _positions(self, ids: np.ndarray, mask: np.ndarray, grid) -> np.ndarray:
-        from star_jax.models import positions
-
         n = len(ids)
         return positions.rope_index(
             ids,

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax import layers
+from star_jax.config_dataclass import dataclass_from_dict
 from star_jax.sharding import constrain
 
 REMAT_POLICIES = {
@@ -74,12 +75,7 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, d, **overrides) -> DecoderConfig:
         """From a (ConfigDict or plain) mapping; unknown keys raise naming the key."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d) | overrides
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"decoder config has unknown keys {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "decoder", **overrides)
 
 
 class KVCache(NamedTuple):

@@ -8,16 +8,7 @@ Param paths (what stage configs' trainable regexes and the mapping table name):
   stacked_ar/...    qwen2.LayerStack of N layers + final norm (no embedding of its own)
   pixel_adapter/... MLP with exact GELU: codebook vector [C] -> base width [D]
   image_head/...    Linear(D -> codebook size) with bias
-  word_head/...     Linear(ViT out width -> vocab) with bias: the `vision` stage's caption-word
-                    classifier on mean-pooled ViT tokens (trained there, never used after it)
-  cell_head/...     Linear(ViT out width -> shapes + colours + 2 + 2) with bias: the `vision` stage's
-                    per-token scene classifier and centre regressor (data.vision_labels='scene_cells'
-                    | 'scene_cover'; shapes world)
-  relation_head/... Linear(ViT out width -> relations x shapes x colours) with bias: the `vision`
-                    stage's per-token relation bits (data.scene_relations); its own head, so a
-                    tower trained on scene labels alone can start a relations run
-  count_head/...    Linear(ViT out width -> 3 x (max objects + 1)) with bias: the `vision` stage's
-                    per-token object counts (data.scene_counts), likewise its own head
+  <project>/...     parts a project's stage adds (`extra_parts`), e.g. a classifier on the ViT
 
 A stage builds only the components it needs (`components`), so a VQ run never holds an LLM.
 Data flow for image tokens: embeddings (text from the base table, image tokens as
@@ -35,22 +26,10 @@ import numpy as np
 from flax import nnx
 
 from star_jax import layers
-from star_jax.models import qwen2
-from star_jax.shapes import scene as shapes_scene
+from star_jax.models import discriminator, qwen2, vision, vq
 
-# Classes of the `cell_head` (without "none"): the shapes world's vocabulary.
-CELL_SHAPES, CELL_COLORS = len(shapes_scene.SHAPES), len(shapes_scene.COLORS)
-CELL_RELATIONS = len(shapes_scene.RELATIONS) * CELL_SHAPES * CELL_COLORS  # data.scene_relations bits
-# data.scene_counts: (scene objects, same shape, same shape and colour), each a class in 0..max.
-CELL_COUNTS, CELL_COUNT_CLASSES = 3, shapes_scene.DEFAULT_WORLD.max_objects + 1
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
-STAGE_COMPONENTS = {
-    "vq": ("vq", "discriminator"),
-    "vision": ("vision", "word_head"),
-    "understanding": ("base", "vision"),
-    "generation": ALL_COMPONENTS,
-    "editing": ALL_COMPONENTS,
-}
+KNOWN_COMPONENTS = ALL_COMPONENTS + ("discriminator",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,64 +102,27 @@ class Star(nnx.Module):
         vq_cfg=None,
         disc_cfg=None,
         components: tuple[str, ...] = ALL_COMPONENTS,
-        cell_relations: bool = False,
-        cell_counts: bool = False,
+        extra_parts=None,
         rngs: nnx.Rngs,
     ):
-        unknown = set(components) - set(ALL_COMPONENTS) - {"discriminator", "word_head", "cell_head"}
+        unknown = set(components) - set(KNOWN_COMPONENTS)
         if unknown:
-            raise ValueError(f"unknown STAR components {sorted(unknown)}; known: {ALL_COMPONENTS}")
+            raise ValueError(f"unknown STAR components {sorted(unknown)}; known: {KNOWN_COMPONENTS}")
         self.components = tuple(components)
         self.decoder_cfg, self.star_cfg = decoder_cfg, star_cfg
         dt, pdt = qwen2.to_dtype(decoder_cfg.dtype), qwen2.to_dtype(decoder_cfg.param_dtype)
         if "base" in components:
             self.base = qwen2.Decoder(decoder_cfg, rngs=rngs)
         if "vision" in components:
-            from star_jax.models import vision
-
             self.vision = vision.VisionTower(vision_cfg, rngs=rngs)
             self.vision_cfg = vision_cfg
-        if "cell_head" in components:  # the vision stage's per-token scene heads, zero-initialised
-            token_head = lambda width, **kw: layers.Dense(  # noqa: E731
-                vision_cfg.out_hidden_size,
-                width,
-                ("embed", None),
-                use_bias=True,
-                dtype=dt,
-                param_dtype=pdt,
-                kernel_init=nnx.initializers.zeros,
-                rngs=rngs,
-                **kw,
-            )
-            self.cell_head = token_head(CELL_SHAPES + CELL_COLORS + 4)  # + none, none, centre (x, y)
-            if cell_relations:
-                # Few of the bits are set (about 1 %): start every sigmoid near 1 / K.
-                bias = nnx.initializers.constant(-float(np.log(CELL_RELATIONS)))
-                self.relation_head = token_head(CELL_RELATIONS, bias_init=bias)
-            if cell_counts:
-                self.count_head = token_head(CELL_COUNTS * CELL_COUNT_CLASSES)
-        if "word_head" in components:  # the vision stage's bag-of-caption-words classifier
-            self.word_head = layers.Dense(
-                vision_cfg.out_hidden_size,
-                decoder_cfg.vocab_size,
-                ("embed", "vocab"),
-                use_bias=True,
-                dtype=dt,
-                param_dtype=pdt,
-                kernel_init=nnx.initializers.zeros,
-                # A caption holds few of the V words: start every sigmoid near 1 / V, as big_vision
-                # does for large label sets, so the first steps do not just learn the prior.
-                bias_init=nnx.initializers.constant(-float(np.log(decoder_cfg.vocab_size))),
-                rngs=rngs,
-            )
+        if extra_parts is not None:  # a project's parts (e.g. ViT classifier heads); built here, as before
+            for name, part in extra_parts(self, rngs).items():
+                setattr(self, name, part)
         if "vq" in components:
-            from star_jax.models import vq
-
             self.vq = vq.VQModel(vq_cfg, rngs=rngs)
             self.vq_cfg = vq_cfg
         if "discriminator" in components:  # the VQ stage's PatchGAN
-            from star_jax.models import discriminator
-
             self.discriminator = discriminator.PatchGANDiscriminator(disc_cfg, rngs=rngs)
         if "stacked_ar" in components:
             self.stacked_ar = qwen2.LayerStack(decoder_cfg, star_cfg.stack_layers, rngs=rngs)
@@ -240,38 +182,6 @@ class Star(nnx.Module):
         return x
 
     # -- heads ---------------------------------------------------------------------------------
-    def caption_word_logits(self, batch: dict, vit_layout=None) -> jax.Array:
-        """Vision stage: logits [B, V] float32 of each vocabulary word being in the image's caption,
-        from the mean of the image's ViT output tokens (pixels [B, P, patch_dim])."""
-        pooled = jnp.mean(self.vit_embeds(batch["pixels"], vit_layout).astype(jnp.float32), axis=1)
-        return self.word_head(pooled).astype(jnp.float32)
-
-    def cell_logits(self, batch: dict, vit_layout=None) -> dict[str, jax.Array]:
-        """Vision stage (scene labels), per merged ViT token (float32): "shape" [B, N, S + 1] and
-        "color" [B, N, C + 1] logits of the object labelling its cell (class 0 = none), "centre"
-        [B, N, 2] that object's predicted centre (x, y in cells of the merged grid), "relations"
-        [B, N, K] logits of its relation bits (K = CELL_RELATIONS with data.scene_relations, else 0)
-        and "counts" [B, N, 3, M + 1] logits of its object counts (M = the world's most objects;
-        3 = 0 without data.scene_counts)."""
-        tokens = self.vit_embeds(batch["pixels"], vit_layout)
-        logits = self.cell_head(tokens).astype(jnp.float32)
-        colors_end = CELL_SHAPES + CELL_COLORS + 2
-        if hasattr(self, "relation_head"):
-            relations = self.relation_head(tokens).astype(jnp.float32)
-        else:
-            relations = jnp.zeros(logits.shape[:-1] + (0,), jnp.float32)
-        if hasattr(self, "count_head"):
-            counts = self.count_head(tokens).astype(jnp.float32).reshape(*logits.shape[:-1], CELL_COUNTS, -1)
-        else:
-            counts = jnp.zeros(logits.shape[:-1] + (0, CELL_COUNT_CLASSES), jnp.float32)
-        return {
-            "shape": logits[..., : CELL_SHAPES + 1],
-            "color": logits[..., CELL_SHAPES + 1 : colors_end],
-            "centre": logits[..., colors_end:],
-            "relations": relations,
-            "counts": counts,
-        }
-
     def text_logits(self, batch: dict, vit_layout=None) -> jax.Array:
         """Understanding: base logits [B, Tp, V] float32 over the prompt (positions [B, 3, Tp])."""
         x = self.embed_prompt(batch, vit_layout)
@@ -301,30 +211,24 @@ def _streams(positions: jax.Array) -> jax.Array:
     return jnp.transpose(positions, (1, 0, 2))
 
 
-def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
-    """The STAR model of `config` with the components `stage` needs."""
+def build(config, components: tuple[str, ...], *, rngs: nnx.Rngs, extra_parts=None) -> Star:
+    """The STAR model of `config` with `components` (a stage's parts, `stages.Stage.components`).
+
+    extra_parts: optional (model, rngs) -> {name: nnx.Module}, a project's parts, built after the
+    ViT. The PatchGAN is left out when `config.vq_loss.disc_weight` is 0 (no GAN term, no params).
+    """
     decoder_cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
     star_cfg = StarConfig.from_dict(config.model.star)
-    components = STAGE_COMPONENTS[stage or config.stage]
-    if (stage or config.stage) == "vision" and config.data.get("vision_labels", "caption_words") != "caption_words":
-        components = ("vision", "cell_head")
     if "discriminator" in components and not config.get("vq_loss", {}).get("disc_weight", 0.0):
-        components = tuple(c for c in components if c != "discriminator")  # no GAN term: no PatchGAN params
-    vision_cfg = vq_cfg = None
+        components = tuple(c for c in components if c != "discriminator")
+    vision_cfg = vq_cfg = disc_cfg = None
     if "vision" in components:
-        from star_jax.models import vision
-
         vision_cfg = vision.VisionConfig.from_dict(
             config.model.vision, dtype=decoder_cfg.dtype, param_dtype=decoder_cfg.param_dtype
         )
     if {"vq", "pixel_adapter", "image_head"} & set(components):
-        from star_jax.models import vq
-
         vq_cfg = vq.VQConfig.from_dict(config.model.vq)
-    disc_cfg = None
     if "discriminator" in components:
-        from star_jax.models import discriminator
-
         disc_cfg = discriminator.DiscriminatorConfig(**config.vq_loss.discriminator.to_dict())
     return Star(
         decoder_cfg,
@@ -333,8 +237,7 @@ def build(config, stage: str | None = None, *, rngs: nnx.Rngs) -> Star:
         vq_cfg=vq_cfg,
         disc_cfg=disc_cfg,
         components=components,
-        cell_relations=bool(config.get("data", {}).get("scene_relations", False)),
-        cell_counts=bool(config.get("data", {}).get("scene_counts", False)),
+        extra_parts=extra_parts,
         rngs=rngs,
     )
 

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax import layers
+from star_jax.config_dataclass import dataclass_from_dict
 from star_jax.models.qwen2 import DTYPES, REMAT_POLICIES, to_dtype
 from star_jax.sharding import constrain
 
@@ -98,12 +99,7 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, d, **overrides) -> VisionConfig:
         """From a (ConfigDict or plain) mapping; unknown keys raise naming the key."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d) | overrides
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"vision config has unknown keys {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "vision", **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,6 +157,12 @@ def vision_layout(grid_thw, cfg: VisionConfig) -> VisionLayout:
         window_ids=np.repeat(np.arange(len(sizes)), sizes).astype(np.int32),
         frame_ids=np.concatenate(frames)[token_order].astype(np.int32),
     )
+
+
+def vit_layout(cfg: VisionConfig, image_size: int, rows: int) -> VisionLayout:
+    """The static `VisionLayout` of `rows` square images of `image_size` pixels (one per batch row)."""
+    side = image_size // cfg.patch_size
+    return vision_layout(np.tile([[1, side, side]], (rows, 1)), cfg)
 
 
 def rope_tables(rope_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from star_jax import layers
+from star_jax.config_dataclass import dataclass_from_dict
 from star_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 from star_jax.models.qwen2 import to_dtype
 from star_jax.sharding import constrain
@@ -110,12 +111,7 @@ class VQConfig:
     @classmethod
     def from_dict(cls, d, **overrides) -> VQConfig:
         """From a (ConfigDict or plain) mapping, e.g. a size-table `vq` block; unknown keys raise."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d) | overrides
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"vq config has unknown keys {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "vq", **overrides)
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> VQConfig:

@@ -266,24 +266,6 @@ def question(
     return "how many objects are there?", NUMBERS[len(objs)], "count"
 
 
-def count_present_question(
-    rng: np.random.Generator, scene: Scene, config: WorldConfig = DEFAULT_WORLD, split: str = "train"
-) -> tuple[str, str, str]:
-    """A count question about an object that is in `scene`: "how many <shape>s are there?" or
-    (half the time) "how many <colour> <shape>s are there?", with its exact answer (>= one), kind
-    'count'. `question` draws shapes and colours uniformly, so most of its counts are "zero"; this
-    is the training stream's counterweight (data.count_present_fraction). Held-out pairs are asked
-    by shape only outside the 'heldout' split."""
-    objs = scene.objects
-    o = objs[int(rng.integers(len(objs)))]
-    by_color = rng.random() < 0.5 and (split == "heldout" or (o.color, o.shape) not in set(config.heldout_pairs))
-    if by_color:
-        n = sum(x.shape == o.shape and x.color == o.color for x in objs)
-        return f"how many {o.color} {make_plural(o.shape)} are there?", NUMBERS[n], "count"
-    n = sum(x.shape == o.shape for x in objs)
-    return f"how many {make_plural(o.shape)} are there?", NUMBERS[n], "count"
-
-
 def grounding_question(
     rng: np.random.Generator, scene: Scene, config: WorldConfig = DEFAULT_WORLD, split: str = "train"
 ) -> tuple[str, str, str] | None:

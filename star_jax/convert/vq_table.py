@@ -1,10 +1,10 @@
-"""Name mapping between a star_jax `VQModel` and the reference STAR-VQ / LlamaGen VQGAN state dict.
+"""Mapping table of the VQ tokenizer: a star_jax `VQModel` <-> the reference STAR-VQ / LlamaGen VQGAN names.
 
 The star_jax module tree mirrors the reference names (`encoder.conv_blocks.{l}.res.{j}.conv1`, ...),
 so the table is a few patterns over the `/`-joined nnx path: the part before the leaf maps to the
 same dotted reference prefix, and the leaf picks the reference suffix and the layout transform
 (torch Conv2d (out, in, kh, kw) <-> Flax (kh, kw, in, out)). `entries(paths, prefix)` expands the
-table into concrete `mapping.Entry`s for one model, so import and export walk the same entries.
+table into concrete `table.Entry`s for one model, so import and export walk the same entries.
 A STAR checkpoint nests the same names under `pixel_encoder.` (STAR_SPEC section 8).
 """
 
@@ -14,22 +14,24 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
+from flax import nnx
 
-from star_jax.convert.mapping import Conv, Entry, Identity
+from star_jax.convert.table import Conv, Entry, Identity, tensor_shape, to_ref
 
 STAR_PREFIX = "pixel_encoder."
+USAGE_NAME = "quantize.codebook_used"  # the usage buffer (not a parameter; int64 in the reference)
 
 # (flax path regex, reference name template using the regex groups, transform); first match wins.
 VQ_TABLE: tuple[tuple[str, str, object], ...] = (
     (r"^quantize/embedding$", "quantize.embedding.weight", Identity()),
-    (r"^quantize/codebook_used$", "quantize.codebook_used", Identity()),  # rolling usage window, float32
+    (r"^quantize/codebook_used$", USAGE_NAME, Identity()),  # rolling usage window, float32
     (r"^(.+)/kernel$", r"\1.weight", Conv()),  # every conv, attention q/k/v/proj_out included (1x1)
     (r"^(.+)/scale$", r"\1.weight", Identity()),  # GroupNorm weight
     (r"^(.+)/bias$", r"\1.bias", Identity()),  # conv and GroupNorm bias
 )
 
 # Tensors a standalone checkpoint may lack; import keeps the model's initial value for them.
-OPTIONAL = ("quantize.codebook_used",)
+OPTIONAL = (USAGE_NAME,)
 
 
 def ref_name(path: str, prefix: str = "") -> tuple[str, object]:
@@ -38,27 +40,26 @@ def ref_name(path: str, prefix: str = "") -> tuple[str, object]:
         m = re.match(pattern, path)
         if m:
             return prefix + m.expand(template).replace("/", "."), transform
-    raise KeyError(f"VQ param path {path!r} matches no entry of vq_mapping.VQ_TABLE")
+    raise KeyError(f"VQ param path {path!r} matches no entry of vq_table.VQ_TABLE")
 
 
-def entries(paths: Iterable[str], prefix: str = "") -> list[Entry]:
-    """Concrete entries for the given star_jax paths, reference names under `prefix`."""
+def entries(paths: Iterable[str], prefix: str = "", flax_prefix: str = "") -> list[Entry]:
+    """Concrete entries for the given star_jax paths (relative to the VQModel; put under
+    `flax_prefix`), reference names under `prefix`."""
     out = []
     for path in paths:
         name, transform = ref_name(path, prefix)
-        out.append(Entry(path, name, transform))
+        out.append(Entry(flax_prefix + path, name, transform))
     return out
 
 
 def state_paths(state) -> list[str]:
     """'/'-joined paths of every variable (params and the usage buffer) of an nnx state."""
-    from flax import nnx
-
     return ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
 
 
 def detect_prefix(names: Iterable[str]) -> str:
-    """'pixel_encoder.' for a full STAR state dict, '' for a standalone VQ one; raises if neither."""
+    """'pixel_encoder.' for a full STAR state dict, '' for a standalone VQ one; raises KeyError if neither."""
     names = list(names)
     if any(n.startswith(STAR_PREFIX + "encoder.") for n in names):
         return STAR_PREFIX
@@ -91,8 +92,7 @@ class SubView(Mapping):
     def shape(self, name: str) -> tuple[int, ...]:
         if name in self._defaults:
             return tuple(np.shape(self._defaults[name]))
-        t = self._t
-        return tuple(t.shape(self._p + name) if hasattr(t, "shape") else np.shape(t[self._p + name]))
+        return tensor_shape(self._t, self._p + name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names + list(self._defaults))
@@ -125,17 +125,13 @@ def infer_config_fields(tensors: Mapping, prefix: str = "") -> dict:
         codebook_size=k,
         codebook_dim=d,
     )
-    if "quantize.codebook_used" in view and view.shape("quantize.codebook_used")[0] != k + 1:
-        fields["usage_window"] = view.shape("quantize.codebook_used")[0]  # e.g. LlamaGen's 65,536
+    if USAGE_NAME in view and view.shape(USAGE_NAME)[0] != k + 1:
+        fields["usage_window"] = view.shape(USAGE_NAME)[0]  # e.g. LlamaGen's 65,536
     return fields
 
 
 def to_reference(state, prefix: str = "") -> dict[str, np.ndarray]:
     """Reference-named numpy tensors (torch layouts) of a VQModel's nnx state, in module order."""
-    from flax import nnx
-
-    from star_jax.convert.mapping import to_ref
-
     out = {}
     for path, var in nnx.to_flat_state(state):
         (entry,) = entries(["/".join(map(str, path))], prefix)

@@ -1,17 +1,17 @@
-"""`star-jax pipeline --config configs/shapes_demo.py --workdir runs/demo`: all stages, then the report."""
+"""`star-jax pipeline --config projects/shapes/config.py --workdir runs/demo`: every stage, then the report."""
 
 from __future__ import annotations
 
 import sys
 
-from star_jax import pipeline
 from star_jax.cli import common
+from star_jax.projects.shapes import pipeline
 
 
 def main(argv: list[str]) -> int:
     fv = common.parse(argv)
     if fv.config is None or fv.workdir is None:
-        print("usage: star-jax pipeline --config configs/shapes_demo.py --workdir runs/demo", file=sys.stderr)
+        print("usage: star-jax pipeline --config projects/shapes/config.py --workdir runs/demo", file=sys.stderr)
         return 2
     report = pipeline.run(fv.config, fv.workdir)
     print(open(f"{fv.workdir}/report.md").read())

@@ -1,16 +1,16 @@
 r"""The shapes-world demo: every STAR stage on this CPU, then exact evaluation.
 
-  star-jax pipeline --config configs/shapes_demo.py --workdir runs/demo
-  star-jax pipeline --config configs/shapes_demo.py:quality --workdir runs/quality   # every stage 4x
-  star-jax pipeline --config configs/shapes_demo.py:joint --workdir runs/joint       # ablation
-  star-jax pipeline --config configs/shapes_demo.py:vision --workdir runs/vision     # + vision stage
-  star-jax pipeline --config configs/shapes_demo.py:base --workdir runs/base         # the base, longer
+  star-jax pipeline --config projects/shapes/config.py --workdir runs/demo
+  star-jax pipeline --config projects/shapes/config.py:quality --workdir runs/quality   # every stage 4x
+  star-jax pipeline --config projects/shapes/config.py:joint --workdir runs/joint       # ablation
+  star-jax pipeline --config projects/shapes/config.py:vision --workdir runs/vision     # + vision stage
+  star-jax pipeline --config projects/shapes/config.py:base --workdir runs/base         # the base, longer
 
 Evaluation samples at temperature 1 with classifier-free guidance 20 and no top-k / top-p, the
 reference's command-line setting (STAR_SPEC section 4: cfg 20, top-k 2000 of 65,536 codes, top-p 1;
 temperature always 1). On three generation checkpoints (32-48 prompts per task) CFG 20 scored
 0.20 / 0.17 / 0.15 where CFG 3 scored 0.135 / 0.083 / 0.094: the stack barely uses the caption
-(configs/shapes_demo.md, the experiment log), and strong guidance amplifies what it does use.
+(log.md, the experiment log), and strong guidance amplifies what it does use.
 Greedy decoding draws the background everywhere: the quality run's ShapeEval was 0.016 greedy
 and 0.23 sampled (same weights, 16 prompts per task).
 Edits keep CFG 3 (`edit_cfg`): on the quality run's weights, 3 of 96 edits succeeded at CFG 3 and
@@ -27,7 +27,7 @@ steps at a constant 3e-3, then understanding from its tower for `und_steps` (def
 steps, and reports QA on 192 validation questions against the control. Its vision stage trains on
 scene cells (`data.vision_labels`): each merged ViT token names the shape and colour of the object
 centred in its cell. The bag of caption words taught the tower colour but hardly shape
-(shapes_demo.md), and every question names its objects by shape.
+(log.md), and every question names its objects by shape.
 
 `joint` is the ablation of STAR's central claim: the generation and editing stages also train the
 base (decoder + ViT) instead of freezing it; its report shows what that does to understanding.
@@ -44,15 +44,30 @@ when that stage runs); each can be overridden from the command line, e.g.
 
 import ml_collections
 
+from star_jax import stages
 from star_jax.configs import common, star
+
+# The project's modules: `vision` registers the vision stage, `data` the understanding mixture source.
+IMPORTS = ("star_jax.projects.shapes.data", "star_jax.projects.shapes.vision")
 
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, quality=False, joint=False, vision=False, base=False, und_steps=1200)
     # The quality config trains every stage 4x longer. Generation 8x scored no better: ShapeEval
-    # 0.10 at 880 steps against 0.18 at 440 (32 prompts per task, same VQ and base; shapes_demo.md).
+    # 0.10 at 880 steps against 0.18 at 440 (32 prompts per task, same VQ and base; log.md).
     scale = 4 if arg.quality else 1
     config = star.get_config("size=shapes,stage=vq")
+    config.imports = IMPORTS
+    stages.import_projects(config)
+    # The understanding stream's mixture (projects/shapes/data.py, source "shapes_mix"): a fraction
+    # of examples ask for the caption, several questions per image, grounding questions.
+    config.data.caption_fraction = 0.0
+    config.data.qa_per_image = 1
+    config.data.grounding_fraction = 0.0
+    # The vision stage's labels (projects/shapes/vision.py): caption_words | scene_cells | scene_cover,
+    # and with scene labels each object's centre regressed.
+    config.data.vision_labels = "caption_words"
+    config.data.scene_centres = False
     config.model.decoder.dtype = "float32"  # CPU: f32 matmuls are faster than emulated bf16
     config.vq_loss.disc_weight = 0.0  # L2 only: the GAN term costs 3 discriminator passes a step
     config.vq_loss.reseed_every = 10  # keeps codebook usage high on a short run
@@ -103,15 +118,17 @@ def get_config(arg=None):
             # Half the examples caption the whole image: on QA alone the base answered from priors
             # (shuffled images changed 6 % of answers after 480 steps); with captions it reads them.
             "vision": stage(300, 32, 3e-3),
-            "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
+            "understanding": stage(
+                120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5, "source": "shapes_mix"}
+            ),
             # Sample grids (<stage>/samples_<step>.png) at the evaluation's guidance.
             "generation": stage(110, 32, 1e-3, train={"sample_every": 55 * scale, "sample_cfg": 20.0}),
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}, train={"sample_every": 20 * scale}),
         }
     )
     for name in config.stage_overrides:  # settable per stage, e.g. 'stage:<other run>/vision'
-        config.stage_overrides[name].train.init_from = tuple(star.INIT_FROM[name])
-        config.stage_overrides[name].train.trainable = tuple(star.TRAINABLE[name])
+        config.stage_overrides[name].train.init_from = stages.get(name).init_from
+        config.stage_overrides[name].train.trainable = stages.get(name).trainable
     if arg.vision or arg.base:
         config.stage_overrides.understanding.train.init_from = ("vision",)
     if arg.base:
@@ -121,7 +138,7 @@ def get_config(arg=None):
         config.stage_overrides.vision.train.update(num_steps=3000, schedule="constant")
         config.stage_overrides.understanding.train.num_steps = arg.und_steps
     if arg.joint:
-        everything = list(star.TRAINABLE["generation"]) + [r"^base/", r"^vision/"]
+        everything = list(stages.get("generation").trainable) + [r"^base/", r"^vision/"]
         for name in ("generation", "editing"):
             config.stage_overrides[name].train.trainable = tuple(everything)
     return config

@@ -1,6 +1,9 @@
 """The staged shapes-world pipeline: vq -> understanding -> generation -> editing -> evaluation,
 each stage a resumable `train_and_evaluate` run under `workdir/<stage>/`, then `report.md` and
 `samples.png` in the workdir. A finished stage (DONE marker) is not retrained on a rerun.
+
+`config.stage_overrides.<stage>` holds each stage's settings, merged onto the shared config (after
+the stage's registry defaults: trainable set, init sources) when that stage runs.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import time
 
 import ml_collections
 import numpy as np
+from PIL import Image
 
-from star_jax import checkpointing, tasks, train
-from star_jax.configs import star as star_config
+from star_jax import checkpointing, init_sources, stages, train
+from star_jax.decode import runner as runner_lib
+from star_jax.eval import shapes_world
+from star_jax.metrics import image_grid
 
 
 def _merge(base: ml_collections.ConfigDict, overrides) -> None:
@@ -40,8 +46,9 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
         del c["pipeline"]
         del c["stage_overrides"]
     c.stage = stage
-    c.train.trainable = list(star_config.TRAINABLE[stage])
-    c.train.init_from = list(star_config.INIT_FROM[stage])
+    record = stages.for_config(c)
+    c.train.trainable = list(record.trainable)
+    c.train.init_from = list(record.init_from)
     if stage in config.stage_overrides:
         _merge(c, config.stage_overrides[stage].to_dict())
     return c
@@ -61,9 +68,6 @@ def stages_training_the_base(config) -> tuple[str, ...]:
 
 def run(config, workdir: str) -> dict:
     """Runs every stage of `config.pipeline.stages`, evaluates, writes the report. Returns its numbers."""
-    from star_jax.decode import runner as runner_lib
-    from star_jax.eval import shapes_world
-
     os.makedirs(workdir, exist_ok=True)
     ev = config.pipeline.eval
     report: dict = {"stage_wall_s": {}, "base_trained_in": stages_training_the_base(config)}
@@ -73,22 +77,20 @@ def run(config, workdir: str) -> dict:
         done = checkpointing.is_stage_done(workdir, stage)
         t0 = time.perf_counter()
         if not done:
-            last = train.train_and_evaluate(c, workdir, tasks.make_task(c))
+            last = train.train_and_evaluate(c, workdir)
             report[f"{stage}_final_metrics"] = last
             if not checkpointing.is_stage_done(workdir, stage):
                 # Preempted (SIGTERM): the stage saved; later stages must not start from it.
                 raise SystemExit(f"[pipeline] stage {stage} was interrupted; rerun the same command to resume it")
         report["stage_wall_s"][stage] = time.perf_counter() - t0
         if stage == "understanding":
-            base_runner = runner_lib.StarRunner.from_workdir(workdir, stages=("understanding",))
+            base_runner = _runner(workdir, ("understanding",))
             report["understanding_before"] = shapes_world.understanding(base_runner, num=ev.qa, seed=ev.seed)
     t0 = time.perf_counter()
     if {"generation", "editing"} & set(config.pipeline.stages):
         vq_model = _evaluate_stack(config, workdir, report)
     elif "vq" in config.pipeline.stages:  # a tokenizer-only run
-        from star_jax.cli import vq as vq_cli
-
-        vq_model = vq_cli.model_from_workdir(workdir)
+        vq_model = init_sources.load_workdir(workdir, ("vq",))[0].vq
     else:  # a base-only run (vision, understanding): its QA against the control
         vq_model = None
         if "understanding_before" in report:
@@ -109,14 +111,17 @@ def run(config, workdir: str) -> dict:
     return report
 
 
+def _runner(workdir: str, names: tuple[str, ...]) -> runner_lib.StarRunner:
+    """A decoder over the first of `names` trained under `workdir`."""
+    model, config, _ = init_sources.load_workdir(workdir, names)
+    return runner_lib.StarRunner(model, config)
+
+
 def _evaluate_stack(config, workdir: str, report: dict):
     """Generation, understanding after the later stages, editing and caption information of the
     trained stack, into `report`. Returns the run's VQModel."""
-    from star_jax.decode import runner as runner_lib
-    from star_jax.eval import shapes_world
-
     ev = config.pipeline.eval
-    star = runner_lib.StarRunner.from_workdir(workdir)
+    star = _runner(workdir, ("editing", "generation"))
     sampling = dict(cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p, temperature=ev.temperature)
     report["generation"] = shapes_world.generation(star, per_task=ev.per_task, seed=ev.seed, **sampling)
     if "understanding_before" in report:
@@ -129,7 +134,7 @@ def _evaluate_stack(config, workdir: str, report: dict):
         edit_sampling = sampling | {"cfg": ev.get("edit_cfg", ev.cfg)}
         report["editing"] = shapes_world.editing(star, num=ev.edits, seed=ev.seed, **edit_sampling)
         # The editing stage trains the same stack on edits alone: what it costs generation.
-        generation_runner = runner_lib.StarRunner.from_workdir(workdir, stages=("generation",))
+        generation_runner = _runner(workdir, ("generation",))
         report["generation_before_editing"] = shapes_world.generation(
             generation_runner, per_task=ev.per_task, seed=ev.seed, **sampling
         )
@@ -142,10 +147,6 @@ def _evaluate_stack(config, workdir: str, report: dict):
 
 def write_report(workdir: str, r: dict) -> None:
     """report.md (tables) + report.json (numbers) + samples.png."""
-    from PIL import Image
-
-    from star_jax.metrics import image_grid
-
     lines = ["# STAR on the shapes world", ""]
     if "generation" in r:
         lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
