@@ -13,6 +13,7 @@ import ml_collections
 from star_jax import sharding, stages
 from star_jax.configs import common, sizes
 
+
 def get_config(arg=None):
     """Returns the ConfigDict for `arg` = "size=..,stage=..,runlocal"."""
     arg = common.parse_arg(arg, size="tiny", stage="generation", runlocal=False)

@@ -93,7 +93,7 @@ def validate(config, num_devices: int | None = None) -> None:
     if config.size not in sizes.SIZES:
         _fail("size", config.size, f"unknown size; known: {sorted(sizes.SIZES)}")
     try:
-        stages.for_config(config)
+        stages.import_projects(config)
     except ImportError as e:
         _fail("imports", tuple(config.get("imports", ())), f"cannot import {e.name or e}")
     if config.stage not in stages.names():

@@ -20,10 +20,13 @@ import logging
 import os
 import sys
 
+import jax
 import numpy as np
+from flax import nnx
 
 from star_jax import images as image_lib
-from star_jax import records
+from star_jax import records, sharding, tasks
+from star_jax.models import star
 
 IMAGE_CODES = {"pairs": {"image": "codes"}, "edits": {"source_image": "source_codes", "target_image": "target_codes"}}
 
@@ -31,14 +34,8 @@ IMAGE_CODES = {"pairs": {"image": "codes"}, "edits": {"source_image": "source_co
 def build_encoder(config, vq_from: str, workdir: str = ""):
     """The jitted encoder of the config's VQ with weights from `vq_from`:
     images [B, H, W, 3] float32 in [-1, 1] -> codes [B, N] int32 (raster order)."""
-    import jax
-    from flax import nnx
-
-    from star_jax import sharding, tasks
-    from star_jax.models import star
-
     mesh, rules = sharding.single_device_mesh(), sharding.rules_from_config(config)
-    model = sharding.create_sharded(lambda: star.build(config, "vq", rngs=nnx.Rngs(config.seed)), mesh, rules)
+    model = sharding.create_sharded(lambda: star.build(config, ("vq",), rngs=nnx.Rngs(config.seed)), mesh, rules)
     with sharding.use_mesh(mesh, rules):
         if vq_from != "random":
             tasks.load_source(model, workdir, vq_from)

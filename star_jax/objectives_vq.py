@@ -280,6 +280,7 @@ def vq_loss(model, batch, rng, step, *, cfg, perceptual=None):
 def reseed_dead_codes(graphdef, params, frozen, other, batch, rng, step, *, every: int, until: int):
     """Post-update hook of the VQ stage: every `every` steps (until step `until`, 0 = always),
     codes unused in the usage window are replaced by encoder outputs of this batch."""
+
     def reseed(params):
         model = nnx.merge(graphdef, params, frozen, other)
         z = jax.lax.stop_gradient(model.vq.encode_continuous(batch["images"]))

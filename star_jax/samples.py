@@ -12,7 +12,6 @@ the same with sampling on or off.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import numpy as np
@@ -26,39 +25,22 @@ from star_jax.text import tokenizer as tokenizer_lib
 Sampler = Callable[[object, int], np.ndarray]  # (model, step) -> uint8 grid [H, W, 3]
 
 
-@dataclasses.dataclass(frozen=True)
-class Reads:
-    """What a sampler reads of the validation split: the `stages.Stage` fields that `input.sources`
-    and `input.examples` use (this module cannot import stages, which imports it; a test checks that
-    they match the registry), and the record fields it decodes."""
-
-    reads: str  # record kind: pairs | edits
-    uses_vit: bool  # the stage's images are also rendered at the ViT's size
-    vq_images: bool
-    texts: tuple[str, ...]
-    images: tuple[str, ...] = ()
-
-
-GENERATION = Reads("pairs", uses_vit=False, vq_images=True, texts=("caption",))
-EDITING = Reads(
-    "edits", uses_vit=True, vq_images=True, texts=("instruction",), images=("source_image", "target_image")
-)
-
-
-def validation_records(config, num: int, reads: Reads, *, max_tries: int = 1000) -> list[dict]:
-    """The first `num` usable records of the validation split, decoded: the `reads.texts` fields as
-    str and the `reads.images` fields as uint8 [S, S, 3] squared to the VQ's size. Records that do not
-    decode are passed over; fewer than `num` usable records in `max_tries` raise ValueError naming
-    the source."""
-    spec = examples.ExampleSpec.from_config(config, reads)
-    prepare = examples.Prepare(*sources.make_source(config, "validation", reads), spec)
+def validation_records(
+    config, num: int, stage, texts: tuple[str, ...], images: tuple[str, ...] = (), *, max_tries: int = 1000
+) -> list[dict]:
+    """The first `num` usable records of the validation split of `stage` (a `stages.Stage`), decoded:
+    the `texts` fields as str and the `images` fields as uint8 [S, S, 3] squared to the VQ's size.
+    Records that do not decode are passed over; fewer than `num` usable records in `max_tries` raise
+    ValueError naming the source."""
+    spec = examples.ExampleSpec.from_config(config, stage)
+    prepare = examples.Prepare(*sources.make_source(config, "validation", stage), spec)
     size = config.model.vq.image_size
     out = []
     for index in range(min(len(prepare.source), max_tries)):
         try:
             record = prepare.read(index)
-            row = {name: prepare.text(record, name) for name in reads.texts}
-            row |= {name: image_lib.resize_square(prepare.image(record, name), size, crop=True) for name in reads.images}
+            row = {name: prepare.text(record, name) for name in texts}
+            row |= {name: image_lib.resize_square(prepare.image(record, name), size, crop=True) for name in images}
         except records.BadRecord:
             continue
         out.append(row)
@@ -69,21 +51,21 @@ def validation_records(config, num: int, reads: Reads, *, max_tries: int = 1000)
     )
 
 
-def _setup(config, reads: Reads):
+def _setup(config, stage, texts: tuple[str, ...], images: tuple[str, ...] = ()):
     """(rows, tokenizer, sampling kwargs, num), or None when `train.sample_every` is 0."""
     if not config.train.get("sample_every", 0):
         return None
     num = config.train.get("sample_num", 8)
-    rows = validation_records(config, num, reads)
+    rows = validation_records(config, num, stage, texts, images)
     tok = tokenizer_lib.load_tokenizer(config.data.tokenizer)
     sampling = dict(cfg=config.train.get("sample_cfg", 3.0), seed=config.seed)
     return rows, tok, sampling, num
 
 
-def generation_sampler(config) -> Sampler | None:
+def generation_sampler(config, stage) -> Sampler | None:
     """(model, step) -> uint8 grid [H, W, 3] (`metrics.image_grid`): one row of `train.sample_num`
     [S, S, 3] images, one per validation caption; None when `train.sample_every` is 0. Its records are read once, here."""
-    setup = _setup(config, GENERATION)
+    setup = _setup(config, stage, ("caption",))
     if setup is None:
         return None
     rows, tok, sampling, num = setup
@@ -96,11 +78,11 @@ def generation_sampler(config) -> Sampler | None:
     return sample
 
 
-def editing_sampler(config) -> Sampler | None:
+def editing_sampler(config, stage) -> Sampler | None:
     """(model, step) -> uint8 grid of three rows (validation sources, their edits, the targets), each
     of `train.sample_num` [S, S, 3] images; None when `train.sample_every` is 0. Its records are read
     once, here."""
-    setup = _setup(config, EDITING)
+    setup = _setup(config, stage, ("instruction",), ("source_image", "target_image"))
     if setup is None:
         return None
     rows, tok, sampling, num = setup

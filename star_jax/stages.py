@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import importlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from flax import nnx
 
@@ -48,7 +48,7 @@ class Stage:
     image_tokens: its sequences end in the image's VQ codes (tokens per example include them).
     objective: (config, vit_layout) -> the loss (see `ObjectiveFactory`).
     flops_per_example: config -> analytic training FLOPs of one example (MFU).
-    sampler: config -> `samples.Sampler` or None (sample grids every `train.sample_every` steps).
+    sampler: (config, stage) -> `samples.Sampler` or None (sample grids every `train.sample_every` steps).
     post_update: config -> a function run in the step after the optimizer update, or None.
     augment: (example, np.random.Generator) -> example, a seeded random op of the input pipeline.
     extra_parts: (config, model, rngs) -> {name: nnx.Module}: parts a project's stage adds to the
@@ -241,4 +241,3 @@ EDITING = register(
         sampler=samples.editing_sampler,
     )
 )
-

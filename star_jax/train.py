@@ -72,7 +72,7 @@ def make_task(config) -> Task:
         initialise=lambda model, workdir: init_sources.initialise(model, config, workdir),
         flops_per_example=stage.flops_per_example(config),
         tokens_per_example=stage.tokens_per_example(config),
-        sample=stage.sampler(config) if stage.sampler is not None else None,
+        sample=stage.sampler(config, stage) if stage.sampler is not None else None,
         post_update=stage.post_update(config) if stage.post_update is not None else None,
     )
 

@@ -9,11 +9,13 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from star_jax import layers, sharding
+from star_jax import layers, sharding, stages
 from star_jax.cli import common as cli_common
 from star_jax.configs import common, sizes, star, validation
 from star_jax.configs.sweeps import ladder
 from star_jax.models import qwen2
+from star_jax.projects.shapes import config as shapes_demo
+from star_jax.projects.shapes import pipeline
 
 
 def test_parse_arg():
@@ -123,15 +125,12 @@ def test_every_size_and_stage_is_valid():
     ladder_sizes = [s for s in sizes.SIZES if s.startswith("ladder_")]
     assert len(ladder_sizes) >= 5
     for size in sizes.SIZES:
-        for stage in star.STAGES:
+        for stage in stages.names():
             validation.validate(star.get_config(f"size={size},stage={stage}"), num_devices=8)
 
 
 @pytest.mark.parametrize("variant", ["", "quality", "joint", "vision", "base", "base,und_steps=2400"])
 def test_every_shapes_demo_stage_is_valid(variant):
-    from star_jax import pipeline
-    from star_jax.configs import shapes_demo
-
     config = shapes_demo.get_config(variant)
     for stage in config.pipeline.stages:
         validation.validate(pipeline.stage_config(config, stage), num_devices=8)

@@ -11,8 +11,9 @@ from flax import nnx
 
 from star_jax import sharding
 from star_jax.configs import star as star_config
-from star_jax.convert import export, importer, mapping, verify
-from star_jax.convert.checkpoint_files import SafetensorsFile, TensorDirectory
+from star_jax.convert import export, importer, star_table, verify
+from star_jax.convert.stage_reader import build_star, restore_stage_params
+from star_jax.convert.tensor_io import SafetensorsFile, TensorDirectory
 from star_jax.models import star
 
 
@@ -30,7 +31,7 @@ def random_model(config, seed: int = 0) -> star.Star:
     Built abstractly and filled from numpy: much faster on CPU than running the initialisers."""
     mesh, rules = _mesh()
     with sharding.use_mesh(mesh, rules):
-        graphdef, state = nnx.get_abstract_model(lambda: star.build(config, rngs=nnx.Rngs(seed)), mesh)
+        graphdef, state = nnx.get_abstract_model(lambda: build_star(config, rngs=nnx.Rngs(seed)), mesh)
     rng = np.random.RandomState(seed)
     for path, var in nnx.to_flat_state(state):
         a = var.get_value()
@@ -61,8 +62,8 @@ def stage(request, tmp_path_factory):
 def test_round_trip_bit_exact(stage):
     root, config, _, out, _ = stage
     importer.import_star(config, str(root / "dst"), star_path=os.path.join(out, "star.safetensors"))
-    src = export.restore_stage_params(str(root / "src"), "generation")
-    dst = export.restore_stage_params(str(root / "dst"), "generation")
+    src = restore_stage_params(str(root / "src"), "generation")
+    dst = restore_stage_params(str(root / "dst"), "generation")
     assert set(src) == set(dst) and len(src) > 200
     for path, value in src.items():
         assert dst[path].dtype == value.dtype, path
@@ -128,7 +129,7 @@ def test_hf_export_loads_in_transformers(tmp_path, stage):
 
 def test_star_entries_cover_the_model(stage):
     _, _, model, _, _ = stage
-    entries = mapping.star_entries(model)
+    entries = star_table.star_entries(model)
     flat = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model))}
     assert {e.flax for e in entries} == flat
     assert len({e.ref for e in entries}) == len(entries)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from star_jax.convert import checkpoint_files, hf, load_hf_decoder
+from star_jax.convert import hf_config, load_hf_decoder, tensor_io
+from star_jax.convert.table import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_published_config_shape():
         "vocab_size": 151936,
         "vision_config": {"depth": 32},
     }
-    cfg = hf.decoder_config_from_hf(published)
+    cfg = hf_config.decoder_config_from_hf(published)
     assert (cfg.hidden_size, cfg.num_layers, cfg.head_dim, cfg.mrope_section) == (2048, 36, 128, (16, 24, 24))
     assert cfg.rope_theta == 1e6 and cfg.tie_embeddings
     v5 = {
@@ -50,7 +51,7 @@ def test_published_config_shape():
     }
     v5["text_config"]["rope_parameters"] = {"rope_theta": 1e6, "mrope_section": [16, 24, 24], "rope_type": "default"}
     v5["tie_word_embeddings"] = True
-    assert hf.decoder_config_from_hf(v5) == cfg
+    assert hf_config.decoder_config_from_hf(v5) == cfg
 
 
 def test_sharded_index_directory(saved, tmp_path):
@@ -67,14 +68,14 @@ def test_sharded_index_directory(saved, tmp_path):
 def test_missing_weights_file(saved, tmp_path):
     path = _copy(saved[0], tmp_path)
     os.remove(os.path.join(path, "model.safetensors"))
-    with pytest.raises(checkpoint_files.CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_hf_decoder(path)
 
 
 def test_missing_config(saved, tmp_path):
     path = _copy(saved[0], tmp_path)
     os.remove(os.path.join(path, "config.json"))
-    with pytest.raises(checkpoint_files.CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         load_hf_decoder(path)
 
 
@@ -82,20 +83,20 @@ def test_pickle_is_refused(saved, tmp_path):
     path = _copy(saved[0], tmp_path)
     os.remove(os.path.join(path, "model.safetensors"))
     torch.save(saved[1].state_dict(), os.path.join(path, "pytorch_model.bin"))
-    with pytest.raises(checkpoint_files.CheckpointError, match="pickle.*safetensors only"):
+    with pytest.raises(CheckpointError, match="pickle.*safetensors only"):
         load_hf_decoder(path)
 
 
 def test_missing_unexpected_and_misshaped_tensors_listed_together(saved, tmp_path):
     path = _copy(saved[0], tmp_path)
     file = os.path.join(path, "model.safetensors")
-    tensors = dict(checkpoint_files.SafetensorsFile(file))
+    tensors = dict(tensor_io.SafetensorsFile(file))
     tensors = {k: np.array(v) for k, v in tensors.items()}
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(7, np.float32)
     tensors["model.extra.weight"] = np.zeros(3, np.float32)
-    checkpoint_files.save_safetensors(file, tensors)
-    with pytest.raises(checkpoint_files.CheckpointError) as e:
+    tensor_io.save_safetensors(file, tensors)
+    with pytest.raises(CheckpointError) as e:
         load_hf_decoder(path)
     msg = str(e.value)
     assert "missing (1): model.layers.1.mlp.up_proj.weight" in msg
@@ -108,7 +109,7 @@ def test_truncated_file(saved, tmp_path):
     file = os.path.join(path, "model.safetensors")
     with open(file, "r+b") as f:
         f.truncate(os.path.getsize(file) // 2)
-    with pytest.raises(checkpoint_files.CheckpointError, match="ends at byte"):
+    with pytest.raises(CheckpointError, match="ends at byte"):
         load_hf_decoder(path)
 
 
@@ -116,7 +117,7 @@ def test_corrupt_config(saved, tmp_path):
     path = _copy(saved[0], tmp_path)
     with open(os.path.join(path, "config.json"), "w") as f:
         f.write("{not json")
-    with pytest.raises(checkpoint_files.CheckpointError, match="config.json: not valid JSON"):
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         load_hf_decoder(path)
 
 
@@ -125,8 +126,8 @@ def test_safetensors_roundtrip_bf16(tmp_path):
 
     x = {"a": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16), "b": np.ones(4, np.int32)}
     file = str(tmp_path / "t.safetensors")
-    checkpoint_files.save_safetensors(file, x, metadata={"format": "pt"})
-    back = checkpoint_files.SafetensorsFile(file)
+    tensor_io.save_safetensors(file, x, metadata={"format": "pt"})
+    back = tensor_io.SafetensorsFile(file)
     assert back.metadata == {"format": "pt"}
     for k in x:
         assert back[k].dtype == x[k].dtype and np.array_equal(back[k], x[k])

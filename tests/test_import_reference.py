@@ -11,11 +11,12 @@ import torch
 from flax import nnx
 from test_export import random_model, tiny_config
 
+from star_jax import init_sources, sharding
 from star_jax import main as star_main
-from star_jax import sharding, tasks
-from star_jax.convert import export, importer, verify
-from star_jax.convert.checkpoint_files import CheckpointError, SafetensorsFile, save_safetensors
-from star_jax.models import star
+from star_jax.convert import export, importer, tensor_io, verify
+from star_jax.convert.stage_reader import build_star, restore_stage_params
+from star_jax.convert.table import CheckpointError
+from star_jax.convert.tensor_io import SafetensorsFile, save_safetensors
 
 TRAINABLE = ("stacked_ar.", "pixel_adapter.", "pixel_output_head.")
 
@@ -53,8 +54,8 @@ def test_release_layout_round_trip_and_generation_load(release, tmp_path):
         vq_path=str(root / "vq.safetensors"),
     )
     assert summary["trainable"] > 0 and summary["frozen"] > summary["trainable"]
-    src = export.restore_stage_params(str(root / "src"), "generation")
-    dst = export.restore_stage_params(str(tmp_path), "generation")
+    src = restore_stage_params(str(root / "src"), "generation")
+    dst = restore_stage_params(str(tmp_path), "generation")
     assert set(src) == set(dst)
     for path, value in src.items():
         np.testing.assert_array_equal(dst[path].view(np.uint8), value.view(np.uint8), err_msg=path)
@@ -63,18 +64,18 @@ def test_release_layout_round_trip_and_generation_load(release, tmp_path):
     np.testing.assert_array_equal(np.asarray(loaded.base(ids)), np.asarray(model.base(ids)))
 
 
-def test_imported_stage_loads_with_tasks_load_from_stage(release):
+def test_imported_stage_loads_with_init_sources_load_from_stage(release):
     """What generation / a next stage's init_from does with an imported (or trained) stage."""
     root, config, model, _ = release
     mesh = sharding.single_device_mesh()
     with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
-        graphdef, abstract = nnx.get_abstract_model(lambda: star.build(config, rngs=nnx.Rngs(7)), mesh)
+        graphdef, abstract = nnx.get_abstract_model(lambda: build_star(config, rngs=nnx.Rngs(7)), mesh)
     target = nnx.merge(graphdef, abstract)
     try:
-        paths = tasks.load_from_stage(target, str(root / "src"), "generation")
+        paths = init_sources.load_from_stage(target, str(root / "src"), "generation")
     except AttributeError as e:  # checkpointing.restore_params: item_metadata is None in a fresh manager
         pytest.xfail(f"checkpointing.StageCheckpoints.restore_params cannot read a step's metadata: {e}")
-    assert len(paths) == len(tasks.param_targets(target))
+    assert len(paths) == len(init_sources.param_targets(target))
     np.testing.assert_array_equal(np.asarray(target.image_head.kernel[...]), np.asarray(model.image_head.kernel[...]))
 
 
@@ -133,7 +134,7 @@ def test_pickles_refused_unless_allowed(release, tmp_path):
         importer.import_star(config, str(tmp_path / "b"), star_path=pt)
     shutil.copy(pt, tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: pickle format refused"):
-        importer.read_reference(str(tmp_path / "pytorch_model.bin"), allow_pickle=True)
+        tensor_io.read_tensors(str(tmp_path / "pytorch_model.bin"), allow_pickle=True)
     model = _load(config, importer.reference_tensors(pt, allow_pickle=True))
     up = np.asarray(model.stacked_ar.layers.mlp.up.kernel[...])[0]
     np.testing.assert_array_equal(up.T, tensors["stacked_ar.model.layers.0.mlp.up_proj.weight"])

@@ -1,4 +1,5 @@
-"""End to end on the `tiny` size: vq -> vision -> understanding -> generation -> editing -> evaluation.
+"""The shapes project's staged pipeline end to end on the `tiny` size: vq -> vision ->
+understanding -> generation -> editing -> evaluation, and the inference CLIs on its workdir.
 
 Checks the stage plumbing (init from earlier stages, stack copy, frozen components), not quality:
 the base's params and its understanding answers are bit-identical before and after the
@@ -13,14 +14,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from star_jax import checkpointing, pipeline, sharding, tasks
-from star_jax.configs import shapes_demo
-from star_jax.models import star
+from star_jax import checkpointing, init_sources, samples, sharding, stages
+from star_jax.configs import star as star_config
+from star_jax.decode.runner import StarRunner
+from star_jax.projects.shapes import config as shapes_demo
+from star_jax.projects.shapes import pipeline
+
+pytestmark = pytest.mark.slow  # one tiny run of every stage (about 6 minutes on 2 cores) feeds the module
 
 
 def _tiny_config():
     config = shapes_demo.get_config("vision")  # every stage, the optional vision stage included
-    tiny = shapes_demo.star.get_config("size=tiny,stage=vq")
+    tiny = star_config.get_config("size=tiny,stage=vq")
     config.model = tiny.model
     config.model.decoder.dtype = "float32"
     # Renders are 64 px: the demo's kind of VQ (8 x 8 patches, 1 x 1 convs seeing one neighbour)
@@ -59,14 +64,16 @@ def demo(tmp_path_factory):
 def editing_model(demo):
     config = pipeline.stage_config(demo[0], "editing")
     return sharding.create_sharded(
-        lambda: star.build(config, "editing", rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+        lambda: stages.build_model(config, "editing", rngs=nnx.Rngs(0)),
+        sharding.single_device_mesh(),
+        sharding.DEFAULT_RULES,
     )
 
 
 def _stage_params(model, workdir, stage, prefix):
     """Params under `prefix` as stage `stage` saved them (loaded into the editing-stage model)."""
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        loaded = tasks.load_from_stage(model, workdir, stage)
+        loaded = init_sources.load_from_stage(model, workdir, stage)
     flat = checkpointing.flatten(nnx.state(model, nnx.Param).to_pure_dict())
     return {k: np.asarray(v) for k, v in flat.items() if k.startswith(prefix) and k in loaded}
 
@@ -124,16 +131,13 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
 
 
 def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
-    """vision -> understanding only (shapes_demo:base's stages), with Qwen3-VL's interleaved M-RoPE
-    and the vision stage on scene cells with relation bits and counts; its prompts put the question
-    before the image."""
+    """vision -> understanding only (the project config's `base` stages), with Qwen3-VL's interleaved
+    M-RoPE and the vision stage on scene cells with centres."""
     config = _tiny_config()
     config.pipeline.stages = ("vision", "understanding")
     config.model.decoder.mrope_interleaved = True
     config.data.vision_labels = "scene_cells"
-    config.data.scene_relations = True
-    config.data.scene_counts = True
-    config.data.question_first = True
+    config.data.scene_centres = True
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
     assert set(numbers) == {
@@ -154,29 +158,14 @@ def test_base_only_pipeline_reports_qa_against_its_control(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "vision" / "metrics.jsonl")]
     assert all(0.0 <= row["cell_shape_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert any("cell_shape_accuracy" in row for row in log)
-    assert all(0.0 <= row["relation_recall"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
     assert saved["cell_head/kernel"].shape[-1] == 5 + 10 + 4  # shapes, colours (+ none each), centre
-    assert saved["relation_head/kernel"].shape[-1] == 4 * 5 * 10  # relations x shapes x colours
-    assert saved["count_head/kernel"].shape[-1] == 3 * 5  # 3 counts of 0..4 objects
-    assert all(0.0 <= row["object_count_accuracy"] <= 1.0 for row in log if "cell_shape_accuracy" in row)
+    assert any("cell_centre_error" in row for row in log)
     # The runner answers with the layout the base was trained on (the stage's saved config).
-    from star_jax.decode.runner import StarRunner
-
-    runner = StarRunner.from_workdir(str(tmp_path), stages=("understanding",))
+    runner = StarRunner(*init_sources.load_workdir(str(tmp_path), ("understanding",))[:2])
     prompts, encode = [], runner.tok.encode
     runner.tok.encode = lambda text: prompts.append(text) or encode(text)
     runner.understand(np.zeros((1, 32, 32, 3), np.uint8), ["how many circles are there?"], max_new_tokens=2)
-    assert "user\nhow many circles are there?<|vision_start|>" in prompts[0]
-    # The tower probe reads the vision stage's tower, or the understanding stage's.
-    from star_jax.eval import tower
-
-    for stage in ("vision", "understanding"):
-        model, _ = tower.load_tower(str(tmp_path), None if stage == "vision" else stage)
-        ckpts = checkpointing.StageCheckpoints(str(tmp_path), stage, read_only=True)
-        params = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
-        ckpts.close()
-        got = tasks.param_targets(model)
-        assert all(np.array_equal(np.asarray(got[k]), params[k]) for k in got if k.startswith("vision/"))
+    assert prompts[0].index("<|vision_start|>") < prompts[0].index("how many circles are there?")
 
 
 def test_joint_ablation_report_names_the_stages_that_train_the_base(tmp_path):
@@ -209,29 +198,24 @@ def test_joint_ablation_report_names_the_stages_that_train_the_base(tmp_path):
 def test_sample_grids_of_generation_and_editing(demo):
     """The trainer's samplers draw with the trained model: one row of generated images, and
     sources / edits / targets of the first validation edits."""
-    from star_jax import samples
-    from star_jax.decode.runner import StarRunner
-
     config, workdir, _ = demo
-    model = StarRunner.from_workdir(workdir).model
+    model = init_sources.load_workdir(workdir, ("editing", "generation"))[0]
     for stage, rows in (("generation", 1), ("editing", 3)):
         c = pipeline.stage_config(config, stage)
         c.train.sample_every, c.train.sample_num = 5, 2
-        grid = samples.make_sampler(c)(model, 5)
+        record = stages.get(stage)
+        grid = record.sampler(c, record)(model, 5)
         size = c.model.vq.image_size
         assert grid.shape == (rows * (size + 2) + 2, 2 * (size + 2) + 2, 3) and grid.dtype == np.uint8
         if stage == "editing":
-            records = samples.validation_records(c, 2)
+            records = samples.validation_records(c, 2, record, ("instruction",), ("source_image", "target_image"))
             step = size + 2
             for i, r in enumerate(records):
                 column = grid[:, 2 + i * step : 2 + i * step + size]
                 assert np.array_equal(column[2 : 2 + size], r["source_image"])
                 assert np.array_equal(column[2 + 2 * step : 2 + 2 * step + size], r["target_image"])
         c.train.sample_every = 0
-        assert samples.make_sampler(c) is None
-    c = pipeline.stage_config(config, "understanding")
-    c.train.sample_every = 5
-    assert samples.make_sampler(c) is None
+        assert record.sampler(c, record) is None
 
 
 def test_frozen_base_is_bit_identical_after_later_stages(demo, editing_model):
@@ -252,12 +236,14 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
     assert tuple(config.stage_overrides.understanding.train.init_from) == ("vision",)
     understanding = pipeline.stage_config(config, "understanding")
     fresh = lambda: sharding.create_sharded(  # noqa: E731
-        lambda: star.build(understanding, rngs=nnx.Rngs(0)), sharding.single_device_mesh(), sharding.DEFAULT_RULES
+        lambda: stages.build_model(understanding, rngs=nnx.Rngs(0)),
+        sharding.single_device_mesh(),
+        sharding.DEFAULT_RULES,
     )
     model, untouched = fresh(), fresh()
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        tasks.initialiser(understanding)(model, workdir)
-    got, init = ({k: np.asarray(v) for k, v in tasks.param_targets(m).items()} for m in (model, untouched))
+        init_sources.initialise(model, understanding, workdir)
+    got, init = ({k: np.asarray(v) for k, v in init_sources.param_targets(m).items()} for m in (model, untouched))
     ckpts = checkpointing.StageCheckpoints(workdir, "vision", read_only=True)
     saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step())["params"])
     ckpts.close()
@@ -269,9 +255,11 @@ def test_understanding_starts_from_the_vision_stages_tower(demo):
     # The same tower from another run's stage directory ('stage:<dir>'), from any workdir.
     other = fresh()
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        loaded = tasks.load_source(other, "/nonexistent", f"stage:{workdir}/vision/")
+        loaded = init_sources.load_source(other, "/nonexistent", f"stage:{workdir}/vision/")
     assert loaded == set(tower)
-    assert all(np.array_equal(np.asarray(v), got[k]) for k, v in tasks.param_targets(other).items() if k in loaded)
+    assert all(
+        np.array_equal(np.asarray(v), got[k]) for k, v in init_sources.param_targets(other).items() if k in loaded
+    )
 
 
 def test_stack_started_as_a_copy_of_the_last_base_layers(demo, editing_model):

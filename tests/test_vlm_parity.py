@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from star_jax.convert import checkpoint_files, hf_vision
+from star_jax.convert import hf, hf_config, tensor_io
+from star_jax.convert.table import CheckpointError
 
 IMAGE, VS, VE = 250, 252, 253
 
@@ -19,7 +20,7 @@ IMAGE, VS, VE = 250, 252, 253
 def saved(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("qwen25vl"))
     torch_model = hf_fixtures.save_qwen25vl(path)
-    return path, torch_model, hf_vision.load_hf_vlm(path)
+    return path, torch_model, hf.load_hf_vlm(path)
 
 
 def _pixels(grid, seed=0):
@@ -83,12 +84,12 @@ def test_v5_in_memory_names_load_the_same(saved, tmp_path):
     dst = str(tmp_path / "v5")
     os.makedirs(dst)
     shutil.copy(os.path.join(path, "config.json"), dst)
-    checkpoint_files.save_safetensors(os.path.join(dst, "model.safetensors"), tensors)
+    tensor_io.save_safetensors(os.path.join(dst, "model.safetensors"), tensors)
     grid = np.array([[1, 4, 6]])
     pixels = jnp.asarray(_pixels(grid))
-    tower = hf_vision.load_hf_vision(dst)
+    tower = hf.load_hf_vision(dst)
     np.testing.assert_array_equal(np.asarray(tower(pixels, grid)), np.asarray(model.tower(pixels, grid)))
-    again = hf_vision.load_hf_vlm(dst)
+    again = hf.load_hf_vlm(dst)
     ids = jnp.asarray([[1, 2, VS] + [IMAGE] * 6 + [VE, 3]])
     np.testing.assert_array_equal(np.asarray(again(ids, pixels, grid)), np.asarray(model(ids, pixels, grid)))
 
@@ -97,13 +98,13 @@ def test_weight_errors_listed_together(saved, tmp_path):
     dst = str(tmp_path / "bad")
     shutil.copytree(saved[0], dst)
     file = os.path.join(dst, "model.safetensors")
-    tensors = {k: np.array(v) for k, v in checkpoint_files.SafetensorsFile(file).items()}
+    tensors = {k: np.array(v) for k, v in tensor_io.SafetensorsFile(file).items()}
     del tensors["visual.blocks.1.mlp.up_proj.bias"]
     tensors["visual.patch_embed.proj.weight"] = np.zeros((32, 3, 2, 7, 7), np.float32)
     tensors["visual.extra.weight"] = np.zeros(3, np.float32)
-    checkpoint_files.save_safetensors(file, tensors)
-    for load in (hf_vision.load_hf_vision, hf_vision.load_hf_vlm):
-        with pytest.raises(checkpoint_files.CheckpointError) as e:
+    tensor_io.save_safetensors(file, tensors)
+    for load in (hf.load_hf_vision, hf.load_hf_vlm):
+        with pytest.raises(CheckpointError) as e:
             load(dst)
         msg = str(e.value)
         assert "missing (1): visual.blocks.1.mlp.up_proj.bias" in msg
@@ -131,7 +132,7 @@ def test_published_and_v5_vision_configs():
             "temporal_patch_size": 2,
         }
     }
-    cfg = hf_vision.vision_config_from_hf(published)
+    cfg = hf_config.vision_config_from_hf(published)
     assert (cfg.depth, cfg.hidden_size, cfg.out_hidden_size, cfg.fullatt_block_indexes) == (
         32,
         1280,
@@ -142,11 +143,11 @@ def test_published_and_v5_vision_configs():
     v5 = json.loads(json.dumps(published))
     v5["vision_config"]["in_channels"] = v5["vision_config"].pop("in_chans")
     v5["vision_config"]["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "axial"}
-    assert hf_vision.vision_config_from_hf(v5) == cfg
-    with pytest.raises(checkpoint_files.CheckpointError, match="hidden_act='gelu'"):
-        hf_vision.vision_config_from_hf({"vision_config": {"hidden_act": "gelu"}})
-    with pytest.raises(checkpoint_files.CheckpointError, match="no vision_config"):
-        hf_vision.vision_config_from_hf({"hidden_size": 8})
+    assert hf_config.vision_config_from_hf(v5) == cfg
+    with pytest.raises(CheckpointError, match="hidden_act='gelu'"):
+        hf_config.vision_config_from_hf({"vision_config": {"hidden_act": "gelu"}})
+    with pytest.raises(CheckpointError, match="no vision_config"):
+        hf_config.vision_config_from_hf({"hidden_size": 8})
 
 
 def test_image_token_count_mismatch_is_an_error(saved):

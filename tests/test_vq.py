@@ -284,7 +284,7 @@ def test_objectives_pure_functions():
 
 def test_perceptual_hook(tmp_path):
     from star_jax import objectives_vq as ov
-    from star_jax.convert import checkpoint_files
+    from star_jax.convert import tensor_io
 
     assert ov.make_perceptual_loss(None, 0.0) is None
     with pytest.raises(ov.PerceptualWeightsMissing, match="perceptual loss weight is 1.0 but no LPIPS/VGG weights"):
@@ -298,12 +298,12 @@ def test_perceptual_hook(tmp_path):
     for k in range(5):
         tensors[f"lin{k}.model.1.weight"] = rng.uniform(0, 1, (1, 8, 1, 1)).astype(np.float32)
     path = str(tmp_path / "lpips.safetensors")
-    checkpoint_files.save_safetensors(path, tensors)
+    tensor_io.save_safetensors(path, tensors)
     loss = ov.make_perceptual_loss(path, 1.0)
     a = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3), minval=-1, maxval=1)
     assert abs(float(loss(a, a))) < 1e-9 and float(loss(a, -a)) > 1e-3
     del tensors["lin4.model.1.weight"]
-    checkpoint_files.save_safetensors(path, tensors)
+    tensor_io.save_safetensors(path, tensors)
     with pytest.raises(KeyError, match="lin4.model.1.weight"):
         ov.make_perceptual_loss(path, 1.0)
 

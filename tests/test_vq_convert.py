@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from flax import nnx
 from torch import nn
 
-from star_jax.convert import checkpoint_files, safetensors_io, vq_mapping
+from star_jax.convert import tensor_io, vq_io, vq_table
+from star_jax.convert.table import CheckpointError
 from star_jax.models import vq
 
 CFG = vq.VQConfig.from_size("tiny")
@@ -174,16 +175,16 @@ def reference(tmp_path_factory):
                 p.copy_(0.1 * torch.randn_like(p))
     path = str(tmp_path_factory.mktemp("vq") / "vq.safetensors")
     state = {k: v.numpy() for k, v in model.state_dict().items()}
-    checkpoint_files.save_safetensors(path, state)
+    tensor_io.save_safetensors(path, state)
     return model, path, state
 
 
 def test_reference_names_are_the_mapping(reference):
     _, _, state = reference
-    model = safetensors_io.load_vq(reference[1], CFG)
+    model = vq_io.load_vq(reference[1], CFG)
     from flax import nnx
 
-    ours = vq_mapping.to_reference(nnx.state(model))
+    ours = vq_table.to_reference(nnx.state(model))
     assert sorted(ours) == sorted(state)
     assert "encoder.conv_blocks.1.downsample.conv.weight" in ours
     # the decoder has num_res_blocks + 1 blocks (with attention) at its first, lowest level
@@ -194,7 +195,7 @@ def test_reference_names_are_the_mapping(reference):
 
 def test_torch_parity_encoder_decoder(reference):
     torch_model, path, _ = reference
-    model = safetensors_io.load_vq(path, CFG)
+    model = vq_io.load_vq(path, CFG)
     x = np.random.RandomState(0).uniform(-1, 1, (2, CFG.image_size, CFG.image_size, 3)).astype(np.float32)
     with torch.no_grad():
         h_ref, idx_ref = torch_model.encode(torch.from_numpy(x).permute(0, 3, 1, 2))
@@ -223,11 +224,11 @@ def test_torch_parity_encoder_decoder(reference):
 def test_import_export_bit_exact(reference, tmp_path):
     _, path, state = reference
     # sizes read off the shapes; heads and groups are not in a state dict
-    model = safetensors_io.load_vq(path, attn_heads=CFG.attn_heads, norm_groups=CFG.norm_groups)
+    model = vq_io.load_vq(path, attn_heads=CFG.attn_heads, norm_groups=CFG.norm_groups)
     assert model.cfg.ch_mult == CFG.ch_mult and model.cfg.usage_window_size == CFG.usage_window_size
     out = str(tmp_path / "out.safetensors")
-    safetensors_io.save_vq(model, out)
-    back = checkpoint_files.SafetensorsFile(out)
+    vq_io.save_vq(model, out)
+    back = tensor_io.SafetensorsFile(out)
     assert sorted(back) == sorted(state)
     for name, value in state.items():
         got = np.asarray(back[name])
@@ -241,23 +242,23 @@ def test_star_prefixed_and_pt(reference, tmp_path):
     star["llm.model.norm.weight"] = np.ones(4, np.float32)  # other STAR parts are ignored
     pt = str(tmp_path / "star.pt")
     torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in star.items()}}, pt)
-    model = safetensors_io.load_vq(pt, attn_heads=CFG.attn_heads, norm_groups=CFG.norm_groups, image_size=32)
+    model = vq_io.load_vq(pt, attn_heads=CFG.attn_heads, norm_groups=CFG.norm_groups, image_size=32)
     assert model.cfg == CFG
     out = str(tmp_path / "star.safetensors")
-    safetensors_io.save_vq(model, out, prefix="pixel_encoder.")
-    back = checkpoint_files.SafetensorsFile(out)
+    vq_io.save_vq(model, out, prefix="pixel_encoder.")
+    back = tensor_io.SafetensorsFile(out)
     assert sorted(back) == sorted(k for k in star if k.startswith("pixel_encoder."))
     assert all(np.array_equal(np.asarray(back[k]), star[k]) for k in back)
-    safetensors_io.save_vq(model, str(tmp_path / "vq.pt"))  # a .pt of plain tensors, read via weights_only
-    again = safetensors_io.read_tensors(str(tmp_path / "vq.pt"))
+    vq_io.save_vq(model, str(tmp_path / "vq.pt"))  # a .pt of plain tensors, read via weights_only
+    again = tensor_io.read_tensors(str(tmp_path / "vq.pt"))
     assert sorted(again) == sorted(state) and all(np.array_equal(again[k], state[k]) for k in state)
 
 
 def test_missing_usage_buffer_is_optional(reference, tmp_path):
     _, _, state = reference
     path = str(tmp_path / "nobuf.safetensors")
-    checkpoint_files.save_safetensors(path, {k: v for k, v in state.items() if k != "quantize.codebook_used"})
-    model = safetensors_io.load_vq(path, CFG)
+    tensor_io.save_safetensors(path, {k: v for k, v in state.items() if k != "quantize.codebook_used"})
+    model = vq_io.load_vq(path, CFG)
     assert np.all(np.asarray(model.quantize.codebook_used[...]) == -1)
 
 
@@ -268,9 +269,9 @@ def test_mismatch_lists_missing_unexpected_misshaped(reference, tmp_path):
     bad["encoder.extra.weight"] = np.zeros(3, np.float32)
     bad["decoder.norm_out.bias"] = np.zeros(5, np.float32)
     path = str(tmp_path / "bad.safetensors")
-    checkpoint_files.save_safetensors(path, bad)
-    with pytest.raises(checkpoint_files.CheckpointError) as e:
-        safetensors_io.load_vq(path, CFG)
+    tensor_io.save_safetensors(path, bad)
+    with pytest.raises(CheckpointError) as e:
+        vq_io.load_vq(path, CFG)
     msg = str(e.value)
     assert "missing (1): encoder.conv_in.weight" in msg
     assert "unexpected (1): encoder.extra.weight" in msg
@@ -281,21 +282,21 @@ def test_refuses_pickles_and_unknown(tmp_path):
     for name in ("w.bin", "w.ckpt", "w.npz"):
         p = str(tmp_path / name)
         open(p, "wb").write(b"\x80\x04junk")
-        with pytest.raises(checkpoint_files.CheckpointError, match=name):
-            safetensors_io.read_tensors(p)
-    with pytest.raises(checkpoint_files.CheckpointError, match="no such weights file"):
-        safetensors_io.read_tensors(str(tmp_path / "none.safetensors"))
-    with pytest.raises(checkpoint_files.CheckpointError, match="no VQ tensors"):
+        with pytest.raises(CheckpointError, match=name):
+            tensor_io.read_tensors(p)
+    with pytest.raises(CheckpointError, match="no such weights file"):
+        tensor_io.read_tensors(str(tmp_path / "none.safetensors"))
+    with pytest.raises(CheckpointError, match="no VQ tensors"):
         p = str(tmp_path / "other.safetensors")
-        checkpoint_files.save_safetensors(p, {"x.weight": np.zeros(2, np.float32)})
-        safetensors_io.load_vq(p)
+        tensor_io.save_safetensors(p, {"x.weight": np.zeros(2, np.float32)})
+        vq_io.load_vq(p)
 
 
 def test_mapping_table_rejects_unknown_leaf():
-    assert vq_mapping.ref_name("encoder/mid/1/q/kernel")[0] == "encoder.mid.1.q.weight"
-    assert vq_mapping.ref_name("quantize/embedding", "pixel_encoder.")[0] == "pixel_encoder.quantize.embedding.weight"
+    assert vq_table.ref_name("encoder/mid/1/q/kernel")[0] == "encoder.mid.1.q.weight"
+    assert vq_table.ref_name("quantize/embedding", "pixel_encoder.")[0] == "pixel_encoder.quantize.embedding.weight"
     with pytest.raises(KeyError, match="VQ_TABLE"):
-        vq_mapping.ref_name("encoder/conv_in/weird")
+        vq_table.ref_name("encoder/conv_in/weird")
 
 
 def test_bf16_checkpoint_imports(reference, tmp_path):
@@ -303,8 +304,8 @@ def test_bf16_checkpoint_imports(reference, tmp_path):
 
     _, _, state = reference
     path = str(tmp_path / "bf16.safetensors")
-    checkpoint_files.save_safetensors(path, {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()})
-    model = safetensors_io.load_vq(path, CFG)
+    tensor_io.save_safetensors(path, {k: v.astype(ml_dtypes.bfloat16) for k, v in state.items()})
+    model = vq_io.load_vq(path, CFG)
     w = np.asarray(model.encoder.conv_in.kernel[...])
     assert w.dtype == np.float32
     want = np.transpose(state["encoder.conv_in.weight"].astype(ml_dtypes.bfloat16).astype(np.float32), (2, 3, 1, 0))

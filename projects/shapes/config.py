@@ -59,8 +59,10 @@ def get_config(arg=None):
     config = star.get_config("size=shapes,stage=vq")
     config.imports = IMPORTS
     stages.import_projects(config)
-    # The understanding stream's mixture (projects/shapes/data.py, source "shapes_mix"): a fraction
-    # of examples ask for the caption, several questions per image, grounding questions.
+    # The shapes world with the understanding stream's mixture (projects/shapes/data.py): a fraction
+    # of examples ask for the caption, several questions per image, grounding questions. Its pairs
+    # and edits are the core source's.
+    config.data.source = "shapes_mix"
     config.data.caption_fraction = 0.0
     config.data.qa_per_image = 1
     config.data.grounding_fraction = 0.0
@@ -118,9 +120,7 @@ def get_config(arg=None):
             # Half the examples caption the whole image: on QA alone the base answered from priors
             # (shuffled images changed 6 % of answers after 480 steps); with captions it reads them.
             "vision": stage(300, 32, 3e-3),
-            "understanding": stage(
-                120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5, "source": "shapes_mix"}
-            ),
+            "understanding": stage(120, 32, 1e-3, data={"max_prompt_len": 64, "caption_fraction": 0.5}),
             # Sample grids (<stage>/samples_<step>.png) at the evaluation's guidance.
             "generation": stage(110, 32, 1e-3, train={"sample_every": 55 * scale, "sample_cfg": 20.0}),
             "editing": stage(40, 16, 5e-4, data={"max_prompt_len": 128}, train={"sample_every": 20 * scale}),

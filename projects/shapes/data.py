@@ -174,7 +174,9 @@ def check_vision_labels(config) -> None:
             f"(source in {SCENE_SOURCES}), not source={data.source!r}"
         )
     if data.get("scene_centres", False) and labels == "caption_words":
-        raise ValueError("config.data.scene_centres=True: needs scene labels (vision_labels 'scene_cells' or 'scene_cover')")
+        raise ValueError(
+            "config.data.scene_centres=True: needs scene labels (vision_labels 'scene_cells' or 'scene_cover')"
+        )
 
 
 def vision_example(prepare, record: dict) -> dict:

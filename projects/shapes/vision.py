@@ -126,6 +126,7 @@ def scene_cells_loss(model, batch, rng, step, *, vit_layout=None):
 
 
 def _objective(config, vit_layout):
+    data.check_vision_labels(config)
     loss = scene_cells_loss if _scene_labels(config) else caption_words_loss
     return functools.partial(loss, vit_layout=vit_layout)
 

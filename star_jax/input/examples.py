@@ -221,7 +221,10 @@ def generation(prepare: Prepare, record: dict) -> dict:
     """A pairs record -> caption prompt arrays + the image's codes [N] int32 or images [S, S, 3] float32."""
     s = prepare.spec
     out = sequences.generation_example(
-        prepare.tokenizer, prepare.text(record, "caption"), max_prompt_len=s.max_prompt_len, num_image_tokens=s.num_codes
+        prepare.tokenizer,
+        prepare.text(record, "caption"),
+        max_prompt_len=s.max_prompt_len,
+        num_image_tokens=s.num_codes,
     )
     prepare.target(out, record, "image", "codes")
     return out
