@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax import images as image_lib
-from star_jax import records, sharding, tasks
+from star_jax import init_sources, records, sharding
 from star_jax.models import star
 
 IMAGE_CODES = {"pairs": {"image": "codes"}, "edits": {"source_image": "source_codes", "target_image": "target_codes"}}
@@ -38,7 +38,7 @@ def build_encoder(config, vq_from: str, workdir: str = ""):
     model = sharding.create_sharded(lambda: star.build(config, ("vq",), rngs=nnx.Rngs(config.seed)), mesh, rules)
     with sharding.use_mesh(mesh, rules):
         if vq_from != "random":
-            tasks.load_source(model, workdir, vq_from)
+            init_sources.load_source(model, workdir, vq_from)
     graphdef, state = nnx.split(model.vq)
 
     @jax.jit

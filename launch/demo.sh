@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_venv.sh torch,test
-exec .venv/bin/star-jax pipeline --config configs/shapes_demo.py --workdir runs/demo "$@"
+exec .venv/bin/star-jax pipeline --config projects/shapes/config.py --workdir runs/demo "$@"

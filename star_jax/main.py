@@ -14,6 +14,8 @@ from star_jax.cli import common
 # command -> (module with `main(argv)`, one-line help)
 COMMANDS: common.Subcommands = {
     "train": ("star_jax.cli.train", "train one stage: --config configs/star.py:size=..,stage=.. --workdir W"),
+    # The shapes project's staged demo (projects/shapes/cli.py), imported only when asked for.
+    "pipeline": ("star_jax.projects.shapes.cli", "every stage on the shapes world, then exact evaluation (the demo)"),
     "generate": ("star_jax.cli.generate", "text-to-image with CFG decoding"),
     "edit": ("star_jax.cli.edit", "edit an image with an instruction"),
     "understand": ("star_jax.cli.understand", "answer a question about an image"),

@@ -17,7 +17,7 @@ import pytest
 import train_fixtures
 from flax import nnx
 
-from star_jax import checkpointing, optim, sharding, tasks, train
+from star_jax import checkpointing, optim, sharding, stages, train
 from star_jax.configs import star
 from star_jax.models import qwen2
 
@@ -86,7 +86,7 @@ def test_footprint_from_abstract_shapes_equals_the_built_model(stage):
     cfg = star.get_config(f"size=tiny,stage={stage}")
     got = optim.footprint(cfg)
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        model = tasks.build_model_fn(cfg)()
+        model = stages.build_model(cfg, rngs=nnx.Rngs(cfg.seed))
     _, trainable, frozen, _ = optim.split_trainable(model, list(cfg.train.trainable))
     trainable, frozen = trainable.to_pure_dict(), frozen.to_pure_dict()
     opt_state = optim.make_optimizer(cfg.train).init(trainable)
@@ -316,7 +316,7 @@ def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight, 
     c.train.warmup_steps = 1
     c.vq_loss.disc_weight, c.vq_loss.disc_start, c.vq_loss.disc_adaptive = disc_weight, 1, adaptive
     c.vq_loss.discriminator.ndf, c.vq_loss.discriminator.norm_groups = 8, 8
-    last = train.train_and_evaluate(c, str(tmp_path), tasks.make_task(c))
+    last = train.train_and_evaluate(c, str(tmp_path))
     assert np.isfinite(last["loss"]) and last["psnr"] > 0
     ckpts = checkpointing.StageCheckpoints(str(tmp_path), "vq")
     saved = checkpointing.flatten(ckpts.read_state(ckpts.latest_step()))

@@ -17,3 +17,7 @@ def main(argv: list[str]) -> int:
     print(open(f"{fv.workdir}/report.md").read())
     print(f"total wall time {report['total_wall_s']:.0f} s; report in {fv.workdir}/report.md")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(["star-jax pipeline", *sys.argv[1:]]))

@@ -20,9 +20,9 @@ import time
 
 from absl import flags
 
-from star_jax.input import pipeline as input_pipeline
 from star_jax.cli import common
 from star_jax.configs import star as star_config
+from star_jax.input import pipeline as input_pipeline
 
 DATA_SCRIPTS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "data")
 

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax.decode import sampling
-from star_jax.models import qwen2
+from star_jax.models import qwen2, vision
 from star_jax.models.star import Star, _streams
 
 
@@ -54,8 +54,6 @@ class _Runner:
         self.stack_cache = qwen2.KVCache.init(cfg, model.star_cfg.stack_layers, rows, max_len)
         self.vit_layout = None
         if vit_grid is not None:  # one source image per row, all of grid (t, h, w)
-            from star_jax.models import vision
-
             self.vit_layout = vision.vision_layout(np.tile([vit_grid], (rows, 1)), model.vision_cfg)
         # Sliced (and on CPU fused) here, outside the token loop, once per call.
         self.base_layers = model.base.stack.per_layer_params()

@@ -10,9 +10,12 @@ caption information  what the caption is worth to the stack: teacher-forced imag
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from star_jax import shapes
+from star_jax import sequences, shapes
+from star_jax.decode.runner import to_float, to_uint8, vq_call
 
 
 def generation(runner, *, per_task: int, split: str = "validation", seed: int = 0, batch: int = 16, **sampling) -> dict:
@@ -228,12 +231,6 @@ def caption_information(runner, *, num: int = 64, split: str = "validation", see
     `gain` = uncond - cond: how much the caption lowers the loss. Returns
     {kind: {"cond", "uncond", "gain"}} (floats).
     """
-    import jax
-    import jax.numpy as jnp
-
-    from star_jax import sequences
-    from star_jax.decode.runner import to_float
-
     model, tok, size = runner.model, runner.tok, runner.model.vq_cfg.image_size
     exs = [shapes.make_example(split, i, "pair", seed=seed, resolution=size) for i in range(num)]
     rows = [
@@ -276,10 +273,6 @@ def vq_report(vq_model, *, per_task: int, seed: int = 0, usage_images: int = 102
     """`vq_ceiling` (ShapeEval + PSNR of round trips), `code_statistics` over `usage_images` renders
     and `edit_code_locality` over `locality_edits` edit pairs of a trained VQModel; the two counts
     are in the result."""
-    import jax
-
-    from star_jax.decode.runner import to_float, to_uint8, vq_call
-
     size = vq_model.cfg.image_size
     codes_of = lambda images: vq_call(vq_model, "encode_to_codes", jax.numpy.asarray(to_float(images, size)))
     decode = lambda codes: to_uint8(vq_call(vq_model, "decode_codes", codes))

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from star_jax import layers
+from star_jax.config_dataclass import dataclass_from_dict
 from star_jax.models import discriminator, qwen2, vision, vq
 
 ALL_COMPONENTS = ("base", "vision", "vq", "stacked_ar", "pixel_adapter", "image_head")
@@ -43,12 +44,8 @@ class StarConfig:
 
     @classmethod
     def from_dict(cls, d) -> StarConfig:
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ValueError(f"star config has unknown keys {unknown}; known: {sorted(fields)}")
-        return cls(**d)
+        """From the config's `model.star` block; unknown keys raise naming them."""
+        return dataclass_from_dict(cls, d, "star")
 
 
 class PixelAdapter(nnx.Module):

@@ -10,7 +10,7 @@ conv_out, so the convs run at 1/p of the resolution: the shapes world's VQ uses 
 
 Layout is NHWC throughout; images are [B, H, W, 3] in [-1, 1]. Module attribute names follow the
 reference state dict (`encoder.conv_blocks.{l}.res.{j}.conv1`, ...), so the converter's table
-is a handful of patterns (star_jax/convert/vq_mapping.py). Convs keep a Flax kernel
+is a handful of patterns (star_jax/convert/vq_table.py). Convs keep a Flax kernel
 [kh, kw, in, out]; every param goes through `layers.param` with logical axis names
 (`conv_kernel`, `conv_in`, `conv_out`, `embed`, `heads`, `norm`, `codebook`, `codebook_dim`).
 Convs and attention run in the compute dtype with float32 accumulation; GroupNorm, softmax and
@@ -28,6 +28,7 @@ from flax import nnx
 
 from star_jax import layers
 from star_jax.config_dataclass import dataclass_from_dict
+from star_jax.configs import sizes
 from star_jax.models.quantizer import QuantizerOutput, VectorQuantizer
 from star_jax.models.qwen2 import to_dtype
 from star_jax.sharding import constrain
@@ -116,8 +117,6 @@ class VQConfig:
     @classmethod
     def from_size(cls, size: str, **overrides) -> VQConfig:
         """The `vq` block of size `size` in configs/sizes.py, with overrides."""
-        from star_jax.configs import sizes
-
         return cls.from_dict(sizes.get_size(size)["vq"], **overrides)
 
 
