@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from star_jax import input_pipeline, records
+from star_jax import records
 from star_jax.configs import star as star_config
+from star_jax.input import pipeline as input_pipeline
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 

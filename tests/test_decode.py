@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from star_jax import optim, sharding
+from star_jax import optim, sharding, stages
 from star_jax.configs import star as star_config
 from star_jax.decode import generate, sampling
-from star_jax.models import star
 from star_jax.text import chat
 
 N_TOKENS = 16
@@ -22,7 +21,7 @@ def model():
     config.model.decoder.dtype = "float32"
     config.model.star.stack_init = "random"
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        m = star.build(config, rngs=nnx.Rngs(0))
+        m = stages.build_model(config, rngs=nnx.Rngs(0))
     # Larger head weights so logits are far from uniform and argmax/top-k are well separated.
     m.image_head.kernel[...] = m.image_head.kernel[...] * 8.0
     return m
@@ -129,7 +128,7 @@ def test_sample_draws_from_the_filtered_distribution(top_k, top_p):
 def test_stack_is_copied_from_last_base_layers(model):
     config = star_config.get_config("size=tiny,stage=generation")
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
-        m = star.build(config, rngs=nnx.Rngs(1))
+        m = stages.build_model(config, rngs=nnx.Rngs(1))
     m.copy_stack_from_base()
     n, total = config.model.star.stack_layers, config.model.decoder.num_layers
     base = nnx.state(m.base.stack.layers, nnx.Param).to_pure_dict()

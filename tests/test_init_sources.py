@@ -290,6 +290,7 @@ def test_published_fullatt_order_is_accepted(tmp_path):
         hf_config.check_hf_config(str(tmp_path), decoder, vcfg)
 
 
+@pytest.mark.slow
 def test_load_workdir_errors_and_success(tmp_path):
     missing = str(tmp_path / "nope")
     with pytest.raises(init_sources.WorkdirError, match="nope.*does not exist"):

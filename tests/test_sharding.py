@@ -84,6 +84,7 @@ def _run(mesh):
     return model, np.asarray(logits), (new_params, grads), float(loss)
 
 
+@pytest.mark.slow
 def test_sharded_mesh_equals_single_device():
     model8, logits8, params8, loss8 = _run(sharding.make_mesh((2, 2, 2)))
     _, logits1, params1, loss1 = _run(sharding.single_device_mesh())

@@ -79,6 +79,7 @@ def test_frozen_params_unchanged_and_without_optimizer_state(tmp_path):
     ckpts.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["understanding", "generation"])
 def test_footprint_from_abstract_shapes_equals_the_built_model(stage):
     """`star-jax params` (3b / 7b) counts from abstract shapes: on `tiny` its numbers equal those
@@ -121,6 +122,7 @@ def test_trainable_regex_that_matches_nothing_is_an_error():
             optim.split_trainable(model, [r"^stacked_arr/"])
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_step_resumes_bit_exact(reference_run, tmp_path):
     ref = _losses(reference_run)
     kill_at = random.Random(os.getpid()).randint(4, 10)
@@ -141,6 +143,7 @@ def test_sigkill_at_random_step_resumes_bit_exact(reference_run, tmp_path):
     assert got == ref  # every step's loss, bit for bit
 
 
+@pytest.mark.slow
 def test_kill_during_a_save_leaves_a_readable_checkpoint(reference_run, tmp_path):
     workdir = str(tmp_path)
     p = _spawn(workdir, 12)
@@ -166,6 +169,7 @@ def test_kill_during_a_save_leaves_a_readable_checkpoint(reference_run, tmp_path
     assert _losses(workdir) == _losses(reference_run)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes(reference_run, tmp_path):
     saved = str(tmp_path / "saved")
     _run(saved, 6, ici="2,2,2")
@@ -216,6 +220,7 @@ def test_nonfinite_loss_stops_with_clear_error(tmp_path):
         train.train_and_evaluate(cfg, str(tmp_path), _nan_task(cfg, [2]))
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_skipped_up_to_a_limit(tmp_path):
     cfg = train_fixtures.config(num_steps=6)
     cfg.train.nonfinite = "skip"
@@ -306,6 +311,7 @@ def test_decoder_config_roundtrip():
     assert qwen2.DecoderConfig.from_dict(cfg.model.decoder).hidden_size == 64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("disc_weight,adaptive", [(0.0, False), (0.5, False), (0.5, True)])
 def test_vq_stage_trains_the_patchgan_only_when_weighted(tmp_path, disc_weight, adaptive):
     """The VQ stage of the common trainer: with a GAN weight the discriminator is built, trained

@@ -90,6 +90,7 @@ def test_window_blocks_differ_from_full_attention():
     assert np.abs(np.asarray(full(pixels, grid)) - np.asarray(windowed)).max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_scan_unrolled_and_remat_agree(remat):
     grid = [(1, 4, 6)]

@@ -108,6 +108,7 @@ def test_pixel_shuffle_matches_torch():
     np.testing.assert_array_equal(np.asarray(vq.pixel_shuffle(jnp.asarray(ours), 4)), x)
 
 
+@pytest.mark.slow
 def test_patch_stem_equals_unshuffled_model():
     """patch_size p is a pixel unshuffle before, and a pixel shuffle after, a model on p*p*3 channels."""
     patched = _tiny(patch_size=2, image_size=32)
@@ -160,6 +161,7 @@ def test_local_encoder_codes_see_only_their_neighbourhood(context):
     assert recon.shape == x.shape and q.indices.shape == (1, 8, 8)
 
 
+@pytest.mark.slow
 def test_straight_through_encoder_gradient():
     """The encoder's gradient through the quantizer equals the unquantised path's gradient
     (the downstream gradient taken at z_q, as the straight-through estimator defines it)."""
@@ -213,6 +215,7 @@ def test_forward_losses_usage_and_jit():
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(q.indices))
 
 
+@pytest.mark.slow
 def test_remat_bf16_and_dropout_paths():
     cfg = vq.VQConfig.from_size("tiny", dropout=0.5)
     with sharding.use_mesh(sharding.single_device_mesh(), sharding.DEFAULT_RULES):
@@ -325,6 +328,7 @@ def test_patchgan_discriminator():
         disc.DiscriminatorConfig(ndf=8, norm_groups=5)
 
 
+@pytest.mark.slow
 def test_decoder_head_split_and_adaptive_gan_weight():
     """features + head is the decoder; the adaptive GAN weight, computed through `head` alone, equals
     the ratio of the last layer's gradients taken through the whole decoder."""

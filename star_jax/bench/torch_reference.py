@@ -85,11 +85,6 @@ class TorchStar(torch.nn.Module):
         return ref.requires_grad_(False).eval()
 
 
-def num_threads() -> int:
-    """The intra-op threads torch uses here."""
-    return torch.get_num_threads()
-
-
 def set_num_threads(n: int) -> int:
     """Sets torch's intra-op threads; returns the previous number."""
     previous = torch.get_num_threads()

@@ -103,11 +103,6 @@ class Entry:
         return "{i}" in self.ref
 
 
-def prefixed(entries: Iterable[Entry], flax_prefix: str = "", ref_prefix: str = "") -> list[Entry]:
-    """The same entries with `flax_prefix` / `ref_prefix` put in front of their paths / names."""
-    return [Entry(flax_prefix + e.flax, ref_prefix + e.ref, e.transform) for e in entries]
-
-
 # -- one entry, both directions --------------------------------------------------------------------
 
 
