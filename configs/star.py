@@ -26,6 +26,7 @@ def get_config(arg=None):
     config.seed = 0  # params init, data order and sampling all derive from it
 
     size = sizes.get_size(arg.size)
+    stage = stages.get(arg.stage) if arg.stage in stages.names() else None  # a project's stage: its config sets these
     config.model = ml_collections.ConfigDict()
     config.model.decoder = size["decoder"]  # the frozen base LLM (and the stack's layer shape)
     config.model.decoder.dtype = "bfloat16"  # compute dtype; params stay float32
@@ -57,8 +58,12 @@ def get_config(arg=None):
     config.data.source = "shapes"  # shapes | arrayrecord | a source a project registers (config.imports)
     config.data.path = ""  # ArrayRecord directory when source = arrayrecord
     config.data.tokenizer = "builtin"  # builtin | builtin-stems (shapes world) | a Hugging Face tokenizer.json
-    config.data.max_prompt_len = 64  # prompt tokens (left-padded); longer records are skipped and counted
     config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
+    # Prompt ids (left-padded); longer records are skipped and counted. The default fits the stage's
+    # examples at this size: an edit's VQ + ViT blocks + a 128-token instruction, a 256-token reasoning
+    # rewrite, a question + answer of 256 (configs/common.py: default_max_prompt_len). Set it after
+    # changing the ViT input size or the VQ grid; validation names the length a stage needs at least.
+    config.data.max_prompt_len = common.default_max_prompt_len(config, stage)
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
     config.data.num_workers = 0  # Grain worker processes
     config.data.shuffle_seed = 0
@@ -87,7 +92,6 @@ def get_config(arg=None):
     config.train.b1 = 0.9
     config.train.b2 = 0.95
     config.train.clip_norm = 1.0
-    stage = stages.get(arg.stage) if arg.stage in stages.names() else None  # a project's stage: its config sets these
     config.train.trainable = stage.trainable if stage else ()  # tuples: overridable from the command line
     # ((regex, factor), ...): the update of a trainable param whose path matches is scaled by factor.
     config.train.lr_mults = ()

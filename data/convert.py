@@ -11,25 +11,24 @@ r"""Converts a user's data into the ArrayRecord layout of star_jax.records (a tf
 
 Each line goes to `validation` when crc32(its first image path) falls under --validation_fraction,
 else to `train`. Bad lines (not JSON, non-UTF-8, a missing key or file, an unreadable, too small or
-too elongated image, empty text) are skipped, counted, logged and written to
-`<dataset dir>/conversion_report.json`; the command fails when more than --max_bad_fraction are bad.
-Images that decode are kept as they are when RGB PNG / JPEG, otherwise converted to RGB PNG.
+too elongated image (--min_image_size, --max_aspect_ratio, --max_image_size), empty text) are skipped,
+counted, logged and written to `<dataset dir>/conversion_report.json`; the command fails when more than
+--max_bad_fraction are bad. Images are read by star_jax.images.load_image: kept as they are when plain
+8-bit RGB PNG / JPEG, otherwise stored as RGB PNG (16-bit scaled, transparency composited onto
+--background, palette / grey / CMYK converted, EXIF orientation applied).
 The printed dataset directory is what `config.data.path` takes.
 """
 
 from __future__ import annotations
 
 import collections
-import io
 import json
 import logging
 import os
 import sys
 import zlib
 
-from PIL import Image
-
-from star_jax import records
+from star_jax import images, records
 
 # JSONL key -> (record field, "image" | "text") per kind
 LAYOUTS = {
@@ -51,32 +50,42 @@ class BadLine(ValueError):
         self.reason = reason
 
 
-def load_image(images_dir: str, rel: str, field: str, *, min_size: int, max_aspect: float) -> bytes:
-    """The encoded bytes of image `rel` (RGB PNG / JPEG kept, anything else -> RGB PNG); raises BadLine."""
+# images.ImageError.reason -> the counter of the skipped line
+IMAGE_REASONS = {"unreadable": "missing_file", **{k: v for k, v in records.IMAGE_REASONS.items() if k != "unreadable"}}
+
+
+def load_image(
+    images_dir: str,
+    rel: str,
+    field: str,
+    *,
+    min_size: int,
+    max_aspect: float,
+    max_size: int | None = None,
+    background: tuple[int, int, int] = images.WHITE,
+) -> bytes:
+    """The encoded bytes of image `rel`: kept as they are when a plain 8-bit RGB PNG / JPEG, otherwise
+    read by `images.load_image` (16-bit scaled, alpha composited onto `background`, palette / grey /
+    CMYK converted, EXIF orientation applied) and stored as an RGB PNG; raises BadLine."""
     if not isinstance(rel, str) or not rel:
         raise BadLine("missing_field", f"{field}: {rel!r} is not a file path")
     path = os.path.join(images_dir, rel)
     try:
         with open(path, "rb") as f:
             data = f.read()
+        image = images.load_image(
+            data, name=path, min_size=min_size, max_size=max_size, max_aspect=max_aspect, background=background
+        )
     except OSError as e:
-        raise BadLine("missing_file", f"{field}: {path}: {e.strerror}") from None
-    try:
-        pil = Image.open(io.BytesIO(data))
-        pil.load()
-    except Exception as e:
-        raise BadLine("corrupt_image", f"{field}: {path}: {type(e).__name__}: {e}") from None
-    if pil.mode != "RGB" or pil.format not in ("PNG", "JPEG"):
-        data = records.encode_png(pil.convert("RGB"))
-    try:
-        records.decode_image(data, f"{field} ({path})", min_size=min_size, max_aspect=max_aspect)
-    except records.BadRecord as e:
-        raise BadLine(e.reason, e.detail) from None
-    return data
+        raise BadLine("missing_file", f"{field}: {path}: {e.strerror or type(e).__name__}") from None
+    except images.ImageError as e:
+        raise BadLine(IMAGE_REASONS[e.reason], f"{field}: {e}") from None
+    return data if images.is_plain_rgb(data) else records.encode_png(image)
 
 
-def parse_line(raw: bytes, kind: str, images_dir: str, *, min_size: int = 16, max_aspect: float = 4.0) -> dict:
-    """One JSONL line (bytes) -> a record dict of `kind` (records.features layout); raises BadLine."""
+def parse_line(raw: bytes, kind: str, images_dir: str, *, min_size: int = 16, max_aspect: float = 4.0, **image) -> dict:
+    """One JSONL line (bytes) -> a record dict of `kind` (records.features layout); raises BadLine.
+    `image` (max_size, background) goes to `load_image`."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -92,7 +101,7 @@ def parse_line(raw: bytes, kind: str, images_dir: str, *, min_size: int = 16, ma
         if key not in obj:
             raise BadLine("missing_field", f"{key!r} not in line (keys: {sorted(obj)})")
         if typ == "image":
-            record[name] = load_image(images_dir, obj[key], key, min_size=min_size, max_aspect=max_aspect)
+            record[name] = load_image(images_dir, obj[key], key, min_size=min_size, max_aspect=max_aspect, **image)
         else:
             try:
                 record[name] = records.decode_text(obj[key], key)
@@ -115,15 +124,13 @@ def split_of(raw: bytes, kind: str, validation_fraction: float) -> str:
 class Converter:
     """Reads the JSONL once per split; counts good and bad lines (by reason); keeps examples of errors."""
 
-    def __init__(
-        self, kind: str, images_dir: str, jsonl: str, *, validation_fraction: float, min_size: int, max_aspect: float
-    ):
+    def __init__(self, kind: str, images_dir: str, jsonl: str, *, validation_fraction: float, **image):
         if kind not in LAYOUTS:
             raise ValueError(f"kind {kind!r} is unknown; known: {sorted(LAYOUTS)}")
         if not os.path.isfile(jsonl):
             raise FileNotFoundError(f"JSONL file {jsonl!r} does not exist")
         self.kind, self.images_dir, self.jsonl = kind, images_dir, jsonl
-        self.validation_fraction, self.min_size, self.max_aspect = validation_fraction, min_size, max_aspect
+        self.validation_fraction, self.image = validation_fraction, image  # load_image's limits and background
         self.good = 0
         self.bad = collections.Counter()
         self.errors: list[str] = []
@@ -136,9 +143,7 @@ class Converter:
                 if not raw.strip() or split_of(raw, self.kind, self.validation_fraction) != split:
                     continue
                 try:
-                    record = parse_line(
-                        raw, self.kind, self.images_dir, min_size=self.min_size, max_aspect=self.max_aspect
-                    )
+                    record = parse_line(raw, self.kind, self.images_dir, **self.image)
                 except BadLine as e:
                     self.bad[e.reason] += 1
                     message = f"{self.jsonl}:{number}: {e}"
@@ -171,12 +176,15 @@ def convert(
     max_bad_fraction: float = 0.01,
     min_size: int = 16,
     max_aspect: float = 4.0,
+    max_size: int | None = None,
+    background: tuple[int, int, int] = images.WHITE,
 ) -> tuple[str, dict]:
     """Converts `jsonl` (+ images under `images_dir`) into `<out_dir>/<name>/<kind>/1.0.0`.
-    Returns (dataset directory, report). Raises records.BadDataError when too many lines are bad."""
-    converter = Converter(
-        kind, images_dir, jsonl, validation_fraction=validation_fraction, min_size=min_size, max_aspect=max_aspect
-    )
+    Returns (dataset directory, report). Raises records.BadDataError when too many lines are bad.
+    Images: shorter side >= `min_size`, longer side <= `max_size` (None: no limit), long / short
+    <= `max_aspect`; transparent pixels are composited onto `background`."""
+    limits = dict(min_size=min_size, max_aspect=max_aspect, max_size=max_size, background=tuple(background))
+    converter = Converter(kind, images_dir, jsonl, validation_fraction=validation_fraction, **limits)
     with open(jsonl, "rb") as f:  # tfds needs every split it writes to be non-empty
         present = {split_of(raw.rstrip(b"\r\n"), kind, validation_fraction) for raw in f if raw.strip()}
     splits = {split: converter.examples(split) for split in ("train", "validation") if split in present}
@@ -199,6 +207,14 @@ def convert(
     return directory, report
 
 
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """'R,G,B' (0..255 each) -> (r, g, b); raises app.UsageError naming --background otherwise."""
+    parts = text.split(",")
+    if len(parts) != 3 or not all(p.strip().isdigit() and int(p) <= 255 for p in parts):
+        raise app.UsageError(f"--background={text!r}: expected R,G,B with each in 0..255, e.g. 255,255,255")
+    return tuple(int(p) for p in parts)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2 or argv[1] not in LAYOUTS:
         raise app.UsageError(f"usage: convert.py {{{'|'.join(LAYOUTS)}}} --images_dir D --jsonl F --out_dir O")
@@ -213,6 +229,8 @@ def main(argv: list[str]) -> None:
         max_bad_fraction=f.max_bad_fraction,
         min_size=f.min_image_size,
         max_aspect=f.max_aspect_ratio,
+        max_size=f.max_image_size or None,
+        background=parse_colour(f.background),
     )
     print(json.dumps({k: v for k, v in report.items() if k != "first_errors"}))
     print(directory)
@@ -229,4 +247,8 @@ if __name__ == "__main__":
     flags.DEFINE_float("max_bad_fraction", 0.01, "fail when more than this fraction of lines is bad")
     flags.DEFINE_integer("min_image_size", 16, "smallest accepted image side, pixels")
     flags.DEFINE_float("max_aspect_ratio", 4.0, "largest accepted long side / short side")
+    flags.DEFINE_integer("max_image_size", 0, "largest accepted image side, pixels (0: no limit)")
+    flags.DEFINE_string(
+        "background", "255,255,255", "R,G,B that transparent pixels are composited onto (shapes world: 128,128,128)"
+    )
     sys.exit(app.run(main))

@@ -1,7 +1,8 @@
 """Orbax checkpoints, one manager per stage under `workdir/<stage>/`.
 
 Layout of a stage directory:
-  config.json         the run's config (written at start)
+  config.json         the run's config, written once the stage's first checkpoint is complete
+                      (`write_config_after_save`): a directory without it is not a stage yet
   frozen/             frozen params, written once when the stage starts (not at every save)
   ckpt/<step>/        trainable params, optimizer state, other model variables, RNG + step
                       (`state`), and the Grain iterator state (`data`); async, keep-last-k and
@@ -11,18 +12,46 @@ Layout of a stage directory:
 
 Restores are always to a target built from the *current* model and mesh, so a checkpoint saved
 on one mesh restores onto any other.
+
+Nothing half-written counts: a stage counts once a step under `ckpt/` is complete (Orbax renames
+it into place) and `config.json` exists; `has_checkpoint` / `discard_incomplete` let a writer
+remove what a failed start left (frozen params, an empty `ckpt/`), so a rerun starts clean.
+Orbax's warnings on every read-only open ("Given directory is read only", "Metadata file does not
+exist") are filtered from the absl logger; its errors are kept.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
 PyTree = dict
+
+# Orbax warnings that every read-only restore prints and that mean nothing to a user.
+_READ_NOISE = ("Given directory is read only", "Metadata file does not exist")
+
+
+class _QuietReads(logging.Filter):
+    """Drops Orbax's read-only / missing-metadata warnings (below ERROR); everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or not str(record.msg).startswith(_READ_NOISE)
+
+
+def quiet_orbax_reads() -> None:
+    """Installs the filter of Orbax's read-only warnings on the absl logger (idempotent)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietReads) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietReads())
+
+
+quiet_orbax_reads()
 
 
 def flatten(tree: PyTree, prefix: str = "") -> dict[str, object]:
@@ -99,23 +128,34 @@ class StageCheckpoints:
             read_only=read_only,
         )
         self.manager = ocp.CheckpointManager(os.path.join(self.dir, "ckpt"), options=options)
+        self._pending_config = None
 
     # -- config and completion markers ---------------------------------------------------------
     def write_config(self, config) -> None:
+        """Writes `config` as the stage's config.json now (atomically)."""
         _atomic_write(os.path.join(self.dir, "config.json"), config.to_json(indent=2))
 
+    def write_config_after_save(self, config) -> None:
+        """Writes `config` as config.json right after the next `save` has completed (that save then
+        waits for its files), so the directory counts as a stage only once a checkpoint is complete."""
+        self._pending_config = config
+
     def mark_done(self, step: int) -> None:
+        """Writes the DONE marker (`{"step": step}`): the stage reached its last step."""
         _atomic_write(os.path.join(self.dir, "DONE"), json.dumps({"step": step}))
 
     def is_done(self) -> bool:
+        """Whether the stage's DONE marker exists."""
         return os.path.exists(os.path.join(self.dir, "DONE"))
 
     # -- frozen params, once per stage ----------------------------------------------------------
     @property
     def frozen_dir(self) -> str:
+        """`<stage>/frozen`, where the frozen params are saved once."""
         return os.path.join(self.dir, "frozen")
 
     def has_frozen(self) -> bool:
+        """Whether a finished save of the frozen params exists."""
         return os.path.exists(os.path.join(self.frozen_dir, "_CHECKPOINT_METADATA")) or os.path.exists(
             os.path.join(self.frozen_dir, "_METADATA")
         )
@@ -129,11 +169,13 @@ class StageCheckpoints:
             ckptr.wait_until_finished()
 
     def restore_frozen(self, target: PyTree) -> PyTree:
+        """The frozen params restored onto `target`'s shapes, dtypes and shardings."""
         with ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(self.frozen_dir, abstract_like(target))
 
     # -- training state ---------------------------------------------------------------------------
     def latest_step(self) -> int | None:
+        """The newest finished step, or None."""
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, data_iter=None, *, force: bool = False) -> bool:
@@ -141,12 +183,19 @@ class StageCheckpoints:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if saved and self._pending_config is not None:
+            self.manager.wait_until_finished()
+            self.write_config(self._pending_config)
+            self._pending_config = None
+        return saved
 
     def restore(self, step: int, target: PyTree, data_iter=None) -> PyTree:
-        """Restores the state at `step` onto `target`'s shapes and shardings; the data iterator in place."""
+        """Restores the state at `step` onto `target`'s shapes and shardings; the data iterator in
+        place. A step saved without an iterator (an imported stage) leaves the iterator at its start."""
         items = {"state": ocp.args.StandardRestore(abstract_like(target))}
-        if data_iter is not None:
+        has_data = os.path.isdir(os.path.join(str(self.manager.directory), str(step), "data"))
+        if data_iter is not None and has_data:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
@@ -165,9 +214,11 @@ class StageCheckpoints:
         return _restore_subset(self.frozen_dir, targets, prefix="") if self.has_frozen() else {}
 
     def wait(self) -> None:
+        """Blocks until queued async saves are finished."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Waits for queued saves, then releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
 
@@ -175,6 +226,31 @@ class StageCheckpoints:
 def is_stage_done(workdir: str, stage: str) -> bool:
     """Whether `stage` under `workdir` reached its last step (its DONE marker exists)."""
     return os.path.exists(os.path.join(workdir, stage, "DONE"))
+
+
+def complete_steps(stage_dir: str) -> list[int]:
+    """The steps under `stage_dir/ckpt/` that Orbax finished (renamed into place), ascending; reads
+    only the directory listing (an unfinished save is a temporary directory with another name)."""
+    ckpt_dir = os.path.join(stage_dir, "ckpt")
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit() and os.path.isdir(os.path.join(ckpt_dir, s)))
+
+
+def has_checkpoint(workdir: str, stage: str) -> bool:
+    """Whether `workdir/<stage>` holds a complete checkpoint step (so it counts as a stage)."""
+    return bool(complete_steps(os.path.join(workdir, stage)))
+
+
+def discard_incomplete(workdir: str, stage: str) -> bool:
+    """Removes `workdir/<stage>` when it holds no complete checkpoint step: what a failed start left
+    (config.json, frozen/, an empty ckpt/, logs). A stage with a complete step is never touched.
+    Returns whether something was removed."""
+    stage_dir = os.path.join(workdir, stage)
+    if not os.path.isdir(stage_dir) or has_checkpoint(workdir, stage):
+        return False
+    shutil.rmtree(stage_dir)
+    return True
 
 
 def _restore_subset(path: str, targets: dict[str, object], prefix: str) -> dict[str, object]:

@@ -12,6 +12,17 @@
 After loading, a model with a stacked AR that no source loaded copies it from the base's last N
 layers (`config.model.star.stack_init = "copy_last"`).
 
+Before a run builds anything, `prepare(config, workdir)` checks every source (a missing directory
+or file, a stage without a checkpoint, an hf: config.json that disagrees with the size) and picks
+the tokenizer: **the tokenizer travels with the weights**. `config.data.tokenizer = "builtin"` (the
+default) means "the one that came with the weights" when they came with one: a resumed stage's
+saved tokenizer, else the last init source that carries one (an `hf:<dir>` holding
+`tokenizer.json`, or a stage trained / imported with one). It is copied into the workdir
+(`<workdir>/tokenizer.json`) and the stage's config points at it. Any other value is used as
+given. Then the tokenizer must fit the decoder: more ids than `config.model.decoder.vocab_size`,
+or special-token ids that disagree with an hf: directory's config.json, stop the run with one line
+naming both sizes.
+
 Every source writes straight into the target params' shardings, tensor by tensor: the model is
 already built sharded; a reference tensor is read, transformed on the host (numpy), and each device
 receives only its own slice (`convert.table.place`); Orbax restores onto the targets' shardings.
@@ -20,26 +31,43 @@ No device ever holds more than its shard, and no whole model is built on one dev
 
 from __future__ import annotations
 
+import filecmp
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
 from flax import nnx
 
-from star_jax import checkpointing, sharding
+from star_jax import checkpointing, sharding, stages
 from star_jax.convert import decoder_table, hf, hf_config, star_table, tensor_io, vision_table, vq_table
 from star_jax.convert.stage_reader import build_star
 from star_jax.convert.table import CheckpointError, Entry, load_params
-from star_jax.models import star
+from star_jax.models import qwen2, star, vision
+from star_jax.text import tokenizer as tokenizer_lib
 
 SOURCE_KINDS = ("stage", "hf", "vq", "star")
 
 
 class WorkdirError(ValueError):
     """A workdir that holds no usable STAR checkpoint."""
+
+
+class SourceError(ValueError):
+    """An init source or tokenizer that cannot start the run; the message is one line naming it."""
+
+
+# config.json special-token id -> the token it names (Qwen2.5-VL's image / vision markers).
+HF_SPECIAL_TOKENS = {
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+    "image_token_id": "<|image_pad|>",
+}
+BUILTIN_TOKENIZERS = ("builtin", "builtin-stems")
 
 
 def param_targets(model: nnx.Module) -> dict[str, jax.Array]:
@@ -90,14 +118,12 @@ def load_hf(model: star.Star, path: str) -> set[str]:
     """`hf:<dir>`: the base (text decoder) and, when the model has a ViT and the directory a
     `vision_config`, the vision tower; raises CheckpointError (a ValueError) naming every config.json
     field that disagrees with the model's configs, or every missing / unexpected / mis-shaped tensor."""
-    comps, hf_json = model.components, hf_config.read_config(path)
-    with_base = "base" in comps
-    with_vision = "vision" in comps and bool(hf_json.get("vision_config"))
+    comps = model.components
+    with_base, with_vision = check_hf_dir(
+        path, comps, model.decoder_cfg, model.vision_cfg if "vision" in comps else None
+    )
     if "vision" in comps and not with_vision:
         logging.warning("hf:%s has no vision_config: loading the text decoder only", path)
-    if not (with_base or with_vision):
-        raise ValueError(f"init source hf:{path}: the model ({', '.join(comps)}) has no base or vision tower")
-    hf_config.check_hf_config(path, model.decoder_cfg if with_base else None, model.vision_cfg if with_vision else None)
     entries, ignore = [], []
     if with_base:
         entries += decoder_table.decoder_entries(model.decoder_cfg.tie_embeddings, "base/")
@@ -109,6 +135,24 @@ def load_hf(model: star.Star, path: str) -> set[str]:
     else:
         ignore += ["visual."]
     return _load_tensors(model, entries, hf.read_directory(path), source=f"hf:{path}", ignore=ignore)
+
+
+def check_hf_dir(
+    path: str, components: Sequence[str], decoder: qwen2.DecoderConfig, vision_cfg: vision.VisionConfig | None
+) -> tuple[bool, bool]:
+    """Checks `hf:<path>` for a model with `components` before anything loads: the directory and its
+    config.json exist, and config.json agrees with `decoder` (when the model has a base) and
+    `vision_cfg` (when it has a ViT and the directory a `vision_config`). Returns (loads the base,
+    loads the ViT). Raises CheckpointError (a ValueError) naming every mismatching field."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"init source hf:{path}: no such directory")
+    hf_json = hf_config.read_config(path)
+    with_base = "base" in components
+    with_vision = "vision" in components and bool(hf_json.get("vision_config"))
+    if not (with_base or with_vision):
+        raise CheckpointError(f"init source hf:{path}: the model ({', '.join(components)}) has no base or vision tower")
+    hf_config.check_hf_config(path, decoder if with_base else None, vision_cfg if with_vision else None)
+    return with_base, with_vision
 
 
 def load_vq(model: star.Star, path: str) -> set[str]:
@@ -157,10 +201,11 @@ def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
     )
 
 
-def initialise(model: nnx.Module, config, workdir: str) -> None:
+def initialise(model: nnx.Module, config, workdir: str) -> set[str]:
     """Applies `config.train.init_from` in order (later wins), then copies the stack from the base's
     last layers when no source loaded it and `config.model.star.stack_init == "copy_last"`.
-    Call under the model's mesh (`sharding.use_mesh`)."""
+    Call under the model's mesh (`sharding.use_mesh`). Returns the flat param paths the sources
+    loaded (the copied stack not included)."""
     loaded: set[str] = set()
     for source in config.train.init_from:
         loaded |= load_source(model, workdir, source)
@@ -169,6 +214,177 @@ def initialise(model: nnx.Module, config, workdir: str) -> None:
         if config.model.star.stack_init == "copy_last":
             model.copy_stack_from_base()
             logging.info("stacked AR initialised from the base's last %d layers", config.model.star.stack_layers)
+    return loaded
+
+
+# -- before a run: sources and tokenizer ----------------------------------------------------------
+
+
+def model_configs(config) -> tuple[tuple[str, ...], qwen2.DecoderConfig, vision.VisionConfig | None]:
+    """(the stage's components, its decoder config, its vision config or None without a ViT)."""
+    comps = stages.for_config(config).components
+    decoder = qwen2.DecoderConfig.from_dict(config.model.decoder)
+    vision_cfg = vision.VisionConfig.from_dict(config.model.vision) if "vision" in comps else None
+    return comps, decoder, vision_cfg
+
+
+def check_sources(config, workdir: str, sources: Sequence[str] | None = None) -> None:
+    """Checks every init source (default `config.train.init_from`) before any model is built: an
+    earlier stage has a complete checkpoint, a file / directory exists, an hf: directory's
+    config.json agrees with the size, the model has the part a source fills. Raises a ValueError
+    (SourceError or CheckpointError) with one line naming the source."""
+    comps, decoder, vision_cfg = model_configs(config)
+    for source in config.train.init_from if sources is None else sources:
+        kind, sep, path = source.partition(":")
+        if not sep or kind == "stage":
+            parent, name = (workdir, source) if not sep else os.path.split(os.path.normpath(path))
+            if not checkpointing.has_checkpoint(parent, name):
+                raise SourceError(
+                    f"config.train.init_from {source!r}: {os.path.join(parent, name)} holds no complete "
+                    "checkpoint; train or import that stage first"
+                )
+        elif kind == "hf":
+            check_hf_dir(path, comps, decoder, vision_cfg)
+        elif kind in ("vq", "star"):
+            if not os.path.exists(path):
+                raise SourceError(f"config.train.init_from {source!r}: no such file")
+            if kind == "vq" and "vq" not in comps:
+                raise SourceError(f"config.train.init_from {source!r}: the {config.stage} model has no VQ")
+        else:
+            raise SourceError(
+                f"config.train.init_from entry {source!r}: expected a stage name, "
+                "'stage:<dir>', 'hf:<dir>', 'vq:<file>' or 'star:<file>'"
+            )
+
+
+def _saved_tokenizer(workdir: str, stage: str) -> str | None:
+    """The non-builtin tokenizer a stage was saved with (its config.json), if it still exists."""
+    path = os.path.join(workdir, stage, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        name = json.load(f).get("data", {}).get("tokenizer", "builtin")
+    if name in BUILTIN_TOKENIZERS:
+        return None
+    if not os.path.exists(name):  # the workdir moved: its own copy
+        name = os.path.join(workdir, os.path.basename(name))
+    return name if os.path.exists(name) else None
+
+
+def weights_tokenizer(config, workdir: str, *, resuming: bool) -> str | None:
+    """The tokenizer.json that came with the weights a run starts from, or None: a resumed stage's
+    saved one; else the last init source carrying one (`hf:<dir>/tokenizer.json`, or the saved
+    tokenizer of a `<stage>` / `stage:<dir>` source)."""
+    if resuming:
+        return _saved_tokenizer(workdir, config.stage)
+    found = None
+    for source in config.train.init_from:
+        kind, sep, path = source.partition(":")
+        if not sep:
+            found = _saved_tokenizer(workdir, source) or found
+        elif kind == "stage":
+            found = _saved_tokenizer(*os.path.split(os.path.normpath(path))) or found
+        elif kind == "hf" and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            found = os.path.join(path, "tokenizer.json")
+    return found
+
+
+def install_tokenizer(path: str, workdir: str) -> tuple[str, bool]:
+    """Copies tokenizer.json `path` into `workdir` (as `tokenizer.json`, or `tokenizer-<hash>.json`
+    when a different one is already there; nothing when it is already in place). Returns (the
+    absolute path in the workdir, whether a file was created)."""
+    if os.path.dirname(os.path.abspath(path)) == os.path.abspath(workdir):
+        return os.path.abspath(path), False
+    dest = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    if os.path.exists(dest) and not filecmp.cmp(path, dest, shallow=False):
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:10]
+        dest = os.path.abspath(os.path.join(workdir, f"tokenizer-{digest}.json"))
+    if os.path.exists(dest):
+        return dest, False
+    os.makedirs(workdir, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.copyfile(path, tmp)
+    os.replace(tmp, dest)
+    return dest, True
+
+
+def _hf_special_ids(path: str) -> dict[str, int]:
+    """Token name -> id of the special tokens a Hugging Face config.json names (top level or text_config)."""
+    hf_json = hf_config.read_config(path)
+    text = hf_json.get("text_config") or {}
+    out = {}
+    for key, token in HF_SPECIAL_TOKENS.items():
+        value = hf_json.get(key, text.get(key))
+        if value is not None:
+            out[token] = int(value)
+    return out
+
+
+def check_tokenizer(config, hf_dirs: Sequence[str] = ()) -> None:
+    """Checks that `config.data.tokenizer` fits the decoder (stages with a base only): it needs no
+    more ids than `config.model.decoder.vocab_size`, and its special tokens have the ids that the
+    config.json of each of `hf_dirs` names (ids inside the vocabulary only). Raises SourceError
+    with one line naming the tokenizer's and the decoder's sizes."""
+    comps, decoder, _ = model_configs(config)
+    if "base" not in comps:
+        return
+    name = config.data.tokenizer
+    try:
+        tok = tokenizer_lib.load_tokenizer(name)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        raise SourceError(f"config.data.tokenizer={name!r}: cannot be read ({e})") from None
+    sizes = (
+        f"the tokenizer has {tok.vocab_size} ids, the decoder {decoder.vocab_size} (config.model.decoder.vocab_size)"
+    )
+    if tok.vocab_size > decoder.vocab_size:
+        raise SourceError(
+            f"config.data.tokenizer={name!r} does not fit the decoder: {sizes}; use the tokenizer of the weights"
+        )
+    for path in hf_dirs:
+        wrong = []
+        for token, want in _hf_special_ids(path).items():
+            if want >= decoder.vocab_size:
+                continue  # an id the decoder cannot hold names nothing this model reads
+            try:
+                got = tok.special(token)
+            except ValueError:
+                got = None
+            if got != want:
+                wrong.append(f"{token} is {want} there, {got} in the tokenizer")
+        if wrong:
+            raise SourceError(
+                f"config.data.tokenizer={name!r} is not the tokenizer of {path}: {'; '.join(wrong)} ({sizes}); "
+                f"set config.data.tokenizer to {os.path.join(path, 'tokenizer.json')}"
+            )
+
+
+def prepare(config, workdir: str) -> tuple[object, list[str]]:
+    """What a run checks and decides before it builds anything (see the module docstring): on a fresh
+    start every init source (`check_sources`); the tokenizer that travels with the weights
+    (installed in the workdir when `config.data.tokenizer` is "builtin"); that it fits the decoder
+    (`check_tokenizer`). Returns (the config, a copy when the tokenizer changed; the files it
+    created, for a caller that cleans up after a failed start). Raises ValueError, one line."""
+    resuming = checkpointing.has_checkpoint(workdir, config.stage)
+    if not resuming:
+        check_sources(config, workdir)
+    created = []
+    if config.data.tokenizer == "builtin":
+        found = weights_tokenizer(config, workdir, resuming=resuming)
+        if found is not None:
+            path, new = install_tokenizer(found, workdir)
+            created += [path] if new else []
+            config = config.copy_and_resolve_references()
+            config.data.tokenizer = path
+            print(f"[{config.stage}] tokenizer: {path} (came with the weights)", flush=True)
+    hf_dirs = [] if resuming else [s[3:] for s in config.train.init_from if s.startswith("hf:")]
+    try:
+        check_tokenizer(config, hf_dirs)
+    except ValueError:
+        for path in created:
+            os.remove(path)
+        raise
+    return config, created
 
 
 # -- a trained workdir ------------------------------------------------------------------------------
@@ -211,6 +427,8 @@ def load_workdir(workdir: str, stages: Sequence[str]) -> tuple[star.Star, ml_col
     if found is None:
         raise WorkdirError(f"--workdir {workdir!r} has no trained {' or '.join(stages)} checkpoint")
     name, config = found
+    if config.data.tokenizer not in BUILTIN_TOKENIZERS and not os.path.exists(config.data.tokenizer):
+        config.data.tokenizer = _saved_tokenizer(workdir, name) or config.data.tokenizer  # a moved workdir
     mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_RULES
     model = sharding.create_sharded(lambda: build_star(config, name, rngs=nnx.Rngs(0)), mesh, rules)
     with sharding.use_mesh(mesh, rules):

@@ -31,7 +31,8 @@ COMMANDS: common.Subcommands = {
 def run(argv: list[str] | None = None) -> int:
     """Entry point of the `star-jax` console script; argv[0] is the program name."""
     argv = list(sys.argv if argv is None else argv)
-    return common.dispatch(["star-jax", *argv[1:]], COMMANDS)
+    with common.quiet_console():  # library noise to the log file only (<workdir>/star_jax.log)
+        return common.dispatch(["star-jax", *argv[1:]], COMMANDS)
 
 
 if __name__ == "__main__":

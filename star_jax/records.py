@@ -24,10 +24,11 @@ import json
 import os
 import re
 import threading
-import warnings
 
 import numpy as np
 from PIL import Image
+
+from star_jax import images as image_lib
 
 KINDS = ("pairs", "qa", "edits")
 # Why a record was skipped; the input pipeline counts skips per reason (metric `data/bad/<reason>`).
@@ -35,8 +36,8 @@ REASONS = (
     "corrupt_record",  # the serialised example does not parse
     "missing_field",  # a field the stage needs is absent
     "corrupt_image",  # image bytes do not decode (garbage, truncated, unknown format)
-    "image_channels",  # not an RGB image (grey, RGBA, palette, 16-bit, wrong array shape)
-    "image_size",  # smaller than the minimum side or a too extreme aspect ratio
+    "image_channels",  # an array that is not uint8 [H, W, 3], or pixels with no 8-bit meaning (float)
+    "image_size",  # smaller than the minimum side, a too extreme aspect ratio, or a decompression bomb
     "empty_text",  # empty or whitespace-only caption / question / answer / instruction
     "non_utf8_text",  # text bytes that are not UTF-8
     "bad_codes",  # VQ code ids out of [0, codebook_size) or the wrong count
@@ -98,36 +99,37 @@ def encode_png(image: np.ndarray) -> bytes:
 # Validation
 
 
+# images.ImageError.reason -> the BadRecord reason it is counted under
+IMAGE_REASONS = {
+    "unreadable": "corrupt_image",
+    "not_image": "corrupt_image",
+    "corrupt": "corrupt_image",
+    "mode": "image_channels",
+    "too_small": "image_size",
+    "too_large": "image_size",
+    "aspect": "image_size",
+}
+
+
 def decode_image(value, field: str, *, min_size: int = 16, max_aspect: float = 4.0) -> np.ndarray:
-    """An encoded image (bytes) or a uint8 array -> uint8 [H, W, 3]; raises BadRecord otherwise."""
-    if isinstance(value, np.ndarray) and value.dtype != object:
-        image = value
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-            raise BadRecord(
-                "image_channels", f"{field}: array {image.dtype}{list(image.shape)}, expected uint8 [H, W, 3]"
-            )
-    else:
+    """An encoded image (bytes) or a uint8 array -> uint8 [H, W, 3]; raises BadRecord otherwise.
+    Bytes are read by `images.load_image` (16-bit scaled, alpha over white, palette / grey / CMYK
+    converted, EXIF orientation applied); a plain 8-bit RGB PNG or JPEG decodes as PIL stores it."""
+    try:
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            image = value
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+                raise BadRecord(
+                    "image_channels", f"{field}: array {image.dtype}{list(image.shape)}, expected uint8 [H, W, 3]"
+                )
+            image_lib.check_size(*image.shape[:2], name=field, min_size=min_size, max_aspect=max_aspect)
+            return image
         data = value.item() if isinstance(value, np.ndarray) else value
         if not isinstance(data, bytes | bytearray) or not data:
             raise BadRecord("corrupt_image", f"{field}: {type(data).__name__} of length {len(data or b'')}")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                pil = Image.open(io.BytesIO(data))
-                pil.load()
-        except Exception as e:  # PIL raises many types for bad bytes
-            raise BadRecord(
-                "corrupt_image", f"{field}: {len(data)} bytes do not decode ({type(e).__name__}: {e})"
-            ) from None
-        if pil.mode != "RGB":
-            raise BadRecord("image_channels", f"{field}: PIL mode {pil.mode!r}, expected 'RGB'")
-        image = np.asarray(pil)
-    h, w = image.shape[:2]
-    if min(h, w) < min_size:
-        raise BadRecord("image_size", f"{field}: {h}x{w} is smaller than min_image_size={min_size}")
-    if max(h, w) / min(h, w) > max_aspect:
-        raise BadRecord("image_size", f"{field}: {h}x{w} has aspect ratio {max(h, w) / min(h, w):.1f} > {max_aspect}")
-    return image
+        return image_lib.load_image(data, name=field, min_size=min_size, max_aspect=max_aspect)
+    except image_lib.ImageError as e:
+        raise BadRecord(IMAGE_REASONS[e.reason], str(e)) from None
 
 
 def decode_text(value, field: str) -> str:

@@ -24,13 +24,23 @@ from star_jax.text import chat
 
 
 class SequenceTooLong(ValueError):
-    """An example does not fit the configured prompt length."""
+    """An example does not fit the configured prompt length; `needed` / `limit`: its length and the limit."""
+
+    def __init__(self, needed: int, limit: int):
+        super().__init__(
+            f"prompt of {needed} tokens exceeds max_prompt_len={limit}: "
+            f"raise config.data.max_prompt_len to {needed} or more (--config.data.max_prompt_len={needed})"
+        )
+        self.needed, self.limit = needed, limit
+
+    def __reduce__(self):  # picklable across Grain worker processes
+        return type(self), (self.needed, self.limit)
 
 
 def _left_pad(rows: dict[str, list], length: int, pads: dict[str, object]) -> dict[str, np.ndarray]:
     n = len(next(iter(rows.values())))
     if n > length:
-        raise SequenceTooLong(f"prompt of {n} tokens exceeds max_prompt_len={length}")
+        raise SequenceTooLong(n, length)
     return {k: np.asarray([pads[k]] * (length - n) + list(v)) for k, v in rows.items()}
 
 

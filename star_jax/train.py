@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -163,17 +164,39 @@ def _put_batch(batch: dict, mesh, rules, batch_axes: dict | None):
 def train_and_evaluate(config, workdir: str, task: Task | None = None) -> dict:
     """Trains `config.stage` under `workdir/<stage>/`, resuming from its newest checkpoint.
 
-    `task` defaults to `make_task(config)` (the stage's registry record). Returns the last logged
-    metrics. Raises NonFiniteError on a non-finite step (stop mode, or after `max_skipped_steps`
-    skips) and ConfigError before compiling on a bad config.
+    `task` defaults to `make_task(config)` (the stage's registry record). Before anything is built,
+    `init_sources.prepare` checks the init sources and picks the tokenizer that came with the
+    weights. The stage counts once its first checkpoint is complete (config.json is written then):
+    a fresh start removes what a failed earlier start left, and a start that fails before its first
+    checkpoint removes what it wrote. Returns the last logged metrics. Raises NonFiniteError on a
+    non-finite step (stop mode, or after `max_skipped_steps` skips), ConfigError before compiling
+    on a bad config, and a one-line ValueError (init_sources.SourceError, CheckpointError) on a bad
+    init source or a tokenizer that does not fit the decoder.
     """
     validation.validate(config, num_devices=jax.device_count())
-    task = make_task(config) if task is None else task
+    config, created = init_sources.prepare(config, workdir)
+    fresh = not checkpointing.has_checkpoint(workdir, config.stage)
+    if fresh and checkpointing.discard_incomplete(workdir, config.stage):
+        logging.warning("removed what an earlier failed start of %s left under %s", config.stage, workdir)
+    try:
+        return _train(config, workdir, make_task(config) if task is None else task)
+    except BaseException:
+        if fresh and not checkpointing.has_checkpoint(workdir, config.stage):
+            for path in created:
+                os.remove(path)
+            try:
+                checkpointing.discard_incomplete(workdir, config.stage)
+            except OSError as e:  # a save still in flight; a rerun removes the rest
+                logging.warning("could not remove %s/%s after the failed start: %s", workdir, config.stage, e)
+        raise
+
+
+def _train(config, workdir: str, task: Task) -> dict:
     tc = config.train
     mesh = sharding.mesh_from_config(config)
     rules = sharding.rules_from_config(config)
     ckpts = checkpointing.StageCheckpoints(workdir, config.stage, keep_last=tc.keep_last, keep_every=tc.keep_every)
-    ckpts.write_config(config)
+    ckpts.write_config_after_save(config)  # the stage counts once its first checkpoint is complete
 
     # Model, born sharded; a fresh run initialises from earlier stages / imports.
     model = sharding.create_sharded(task.build_model, mesh, rules)

@@ -9,13 +9,15 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from star_jax import layers, sharding, stages
+from star_jax import layers, sequences, sharding, stages
 from star_jax.cli import common as cli_common
 from star_jax.configs import common, sizes, star, validation
 from star_jax.configs.sweeps import ladder
+from star_jax.input import examples
 from star_jax.models import qwen2
 from star_jax.projects.shapes import config as shapes_demo
 from star_jax.projects.shapes import pipeline
+from star_jax.text.tokenizer import BuiltinTokenizer
 
 
 def test_parse_arg():
@@ -86,6 +88,12 @@ def _valid():
         ("model.vq.patch_size", 3, r"config.model.vq.image_size=32: must be divisible by the downsampling factor 12"),
         ("model.star.stack_layers", 9, r"config.model.star.stack_layers=9: cannot copy more layers"),
         ("stage", "pretraining", r"config.stage='pretraining': unknown stage"),
+        ("stage", "genration", r"config.stage='genration': unknown stage \(did you mean 'generation'\?\)"),
+        (
+            "data.max_prompt_len",
+            20,
+            r"config.data.max_prompt_len=20: a prompt of stage 'generation' needs at least 21 tokens",
+        ),
         ("size", "huge", r"config.size='huge': unknown size"),
         ("train.batch_size", 0, r"config.train.batch_size=0: must be positive"),
         ("train.sample_every", -1, r"config.train.sample_every=-1: must be >= 0"),
@@ -127,6 +135,65 @@ def test_every_size_and_stage_is_valid():
     for size in sizes.SIZES:
         for stage in stages.names():
             validation.validate(star.get_config(f"size={size},stage={stage}"), num_devices=8)
+
+
+# A reasoning rewrite as long as the reference lets the base answer (256 tokens) + its style suffix; an
+# edit instruction and a question + answer of about 100 tokens each.
+REWRITE = "red " * 256 + " Ultra HD, 4K, cinematic composition"
+INSTRUCTION = "make the red circle blue and move it " * 12
+QUESTION, ANSWER = "how many red circles are left of the blue square " * 10, "two red circles " * 30
+STAR_STAGES = ("vq", "understanding", "generation", "editing")  # other tests register project stages
+
+
+@pytest.mark.parametrize("size", list(sizes.SIZES))
+def test_default_prompt_length_fits_every_stage_at_every_size(size):
+    """The default `data.max_prompt_len` of each stage holds its example: an edit (VQ block of the
+    size's grid + ViT block + instruction), a reasoning rewrite, a question with its answer."""
+    tok = BuiltinTokenizer()
+    for name in STAR_STAGES:
+        config, stage = star.get_config(f"size={size},stage={name}"), stages.get(name)
+        validation.validate(config)
+        length, n = config.data.max_prompt_len, stages.num_image_tokens(config)
+        merge = config.model.vision.spatial_merge_size
+        if stage.reads == "edits":
+            sequences.editing_example(
+                tok,
+                INSTRUCTION,
+                max_prompt_len=length,
+                num_vq_tokens=n,
+                vit_grid_thw=examples.vit_grid(config),
+                spatial_merge_size=merge,
+            )
+        elif stage.reads == "qa":
+            grid = examples.vit_grid(config)
+            sequences.understanding_example(
+                tok, QUESTION, ANSWER, max_prompt_len=length, vit_grid_thw=grid, spatial_merge_size=merge
+            )
+        elif stage.image_tokens:
+            sequences.generation_example(tok, REWRITE, max_prompt_len=length, num_image_tokens=n)
+            assert len(tok.encode(REWRITE)) > 256
+        if common.has_prompt(stage):
+            assert length % common.PROMPT_LEN_MULTIPLE == 0
+            assert length < common.prompt_len_needed(config, stage, common.TEXT_BUDGET[stage.reads]) + 64
+
+
+def test_prompt_length_defaults_at_the_reference_sizes():
+    got = {name: star.get_config(f"size=3b,stage={name}").data.max_prompt_len for name in STAR_STAGES}
+    # 3b: 576 VQ codes, 256 ViT tokens of 448 px; a 128-token instruction / 256-token rewrite / QA.
+    assert got == {"vq": 64, "understanding": 576, "generation": 320, "editing": 1024}
+    config = star.get_config("size=3b,stage=editing")
+    config.data.max_prompt_len = 800
+    with pytest.raises(
+        validation.ConfigError, match=r"max_prompt_len=800: a prompt of stage 'editing' needs at least 858"
+    ):
+        validation.validate(config)
+
+
+def test_the_shapes_demo_keeps_its_own_prompt_lengths():
+    """The demo sets max_prompt_len per stage itself: the per-size defaults do not change its batches."""
+    config = shapes_demo.get_config("")
+    got = {name: pipeline.stage_config(config, name).data.max_prompt_len for name in config.pipeline.stages}
+    assert got == {"vq": 48, "understanding": 64, "generation": 48, "editing": 128}
 
 
 @pytest.mark.parametrize("variant", ["", "quality", "joint", "vision", "base", "base,und_steps=2400"])

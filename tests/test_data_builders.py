@@ -1,6 +1,7 @@
 """data/: the shapes-world tfds builder, the converter of user data, VQ pre-tokenisation."""
 
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -127,6 +128,50 @@ def test_convert_pairs_counts_bad_lines(tmp_path):
     assert sorted(captions) == sorted([f"caption {i}" for i in range(6)] + ["a grey one"])
     with pytest.raises(records.BadDataError, match="7 of 14 lines are bad"):
         convert.convert("pairs", str(images), str(jsonl), str(tmp_path / "out2"), "mine", max_bad_fraction=0.1)
+
+
+def test_convert_stores_images_as_the_image_loader_reads_them(tmp_path):
+    """Plain RGB PNG / JPEG bytes are kept; 16-bit, transparent and EXIF-rotated images are stored
+    as the RGB PNG that images.load_image gives (alpha over --background); limits count as image_size."""
+    convert = load("convert")
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 255, (40, 48, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    Image.fromarray(rgb).save(tmp_path / "plain.jpg", quality=90)
+    rgba = np.concatenate([rgb, np.full((40, 48, 1), 255, np.uint8)], -1)
+    rgba[:, :24, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    Image.fromarray(np.full((40, 48), 32768, np.uint16)).save(tmp_path / "deep.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "phone.jpg", quality=90, exif=exif.tobytes())
+    Image.fromarray(np.zeros((40, 400, 3), np.uint8)).save(tmp_path / "wide.png")  # 400 > max_size
+    names = ["plain.png", "plain.jpg", "alpha.png", "deep.png", "phone.jpg", "wide.png"]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"image": n, "caption": n}) for n in names))
+    directory, report = convert.convert(
+        "pairs",
+        str(tmp_path),
+        str(jsonl),
+        str(tmp_path / "out"),
+        "mine",
+        validation_fraction=0,
+        max_bad_fraction=0.5,
+        max_aspect=20.0,
+        max_size=300,
+        background=(128, 128, 128),
+    )
+    assert report["good"] == 5 and report["bad_by_reason"] == {"image_size": 1}
+    assert "wide.png" in report["first_errors"][0] and "maximum side of 300 pixels" in report["first_errors"][0]
+    source, parse = records.ArrayRecordSource(directory, "train"), records.RecordParser(directory)
+    stored = {r["caption"].decode(): r["image"] for r in (parse(source[i]) for i in range(len(source)))}
+    for name in ("plain.png", "plain.jpg"):
+        assert stored[name] == (tmp_path / name).read_bytes()
+    alpha = records.decode_image(stored["alpha.png"], "image")
+    assert (alpha[:, :24] == 128).all() and np.array_equal(alpha[:, 24:], rgb[:, 24:])
+    assert (records.decode_image(stored["deep.png"], "image") == 128).all()
+    phone = records.decode_image(stored["phone.jpg"], "image")
+    assert phone.shape == (48, 40, 3) and Image.open(io.BytesIO(stored["phone.jpg"])).format == "PNG"
 
 
 def test_convert_edits_feeds_the_editing_pipeline(tmp_path):

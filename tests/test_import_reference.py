@@ -158,7 +158,7 @@ def test_cli_export_verify_and_import(release, tmp_path, capsys):
     pt = str(tmp_path / "x.pt")
     torch.save({"state_dict": {}}, pt)
     args = ["star-jax", "import", "--config=configs/star.py:size=tiny,stage=generation", f"--workdir={tmp_path}"]
-    assert star_main.run(args + [f"--star={pt}"]) == 1
+    assert star_main.run(args + [f"--star={pt}"]) == 2
     assert "--allow_pickle" in capsys.readouterr().err
 
 
@@ -170,3 +170,20 @@ def test_hf_config_mismatch_is_named(release, tmp_path):
         importer.import_star(
             config, str(tmp_path), hf_dir=str(root / "hf"), star_path=str(root / "trainable.safetensors")
         )
+
+
+def test_star_file_into_a_vq_stage_starts_its_patchgan_fresh(release, tmp_path):
+    """`import stage=vq --star FILE`: the VQ from the STAR file, the PatchGAN (no reference tensors)
+    freshly initialised; a failed import (here: a second one) leaves the first untouched."""
+    root, _, _, tensors = release
+    config = tiny_config().copy_and_resolve_references()
+    config.stage = "vq"
+    config.train.trainable = (r"^vq/", r"^discriminator/")
+    summary = importer.import_star(config, str(tmp_path), star_path=str(root / "star" / "star.safetensors"))
+    saved = restore_stage_params(str(tmp_path), "vq")
+    assert summary["stage_dir"] == str(tmp_path / "vq") and any(k.startswith("discriminator/") for k in saved)
+    np.testing.assert_array_equal(saved["vq/quantize/embedding"], tensors["pixel_encoder.quantize.embedding.weight"])
+    before = sorted(os.listdir(tmp_path / "vq"))
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        importer.import_star(config, str(tmp_path), star_path=str(root / "star" / "star.safetensors"))
+    assert sorted(os.listdir(tmp_path / "vq")) == before and sorted(os.listdir(tmp_path)) == ["vq"]

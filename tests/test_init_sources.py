@@ -249,21 +249,38 @@ def test_hf_config_mismatch_names_every_field(hf_dir, tmp_path):
     assert "hidden_size" not in msg and "fullatt" not in msg
 
 
-def test_published_fullatt_order_is_accepted(tmp_path):
-    """The published Qwen2.5-VL-3B config.json lists (7, 15, 23, 31); the size table's 3b holds them
-    reversed: the same set of full-attention blocks, so no mismatch."""
-    published = {
+def published_config(size: str) -> dict:
+    """config.json of the published Qwen2.5-VL-3B / -7B-Instruct, from the model cards' values (the
+    published shape: text keys at the top level, `rope_scaling`, `vision_config` with `in_chans`)."""
+    big = size == "7b"
+    return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_attention_heads": 16,
-        "num_hidden_layers": 36,
-        "num_key_value_heads": 2,
+        "model_type": "qwen2_5_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": 3584 if big else 2048,
+        "initializer_range": 0.02,
+        "intermediate_size": 18944 if big else 11008,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 28 if big else 70,
+        "num_attention_heads": 28 if big else 16,
+        "num_hidden_layers": 28 if big else 36,
+        "num_key_value_heads": 4 if big else 2,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
-        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
-        "tie_word_embeddings": True,
-        "vocab_size": 151936,
+        "sliding_window": 32768,
+        "tie_word_embeddings": not big,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
         "vision_config": {
             "depth": 32,
             "hidden_act": "silu",
@@ -271,21 +288,44 @@ def test_published_fullatt_order_is_accepted(tmp_path):
             "intermediate_size": 3420,
             "num_heads": 16,
             "in_chans": 3,
-            "out_hidden_size": 2048,
+            "out_hidden_size": 3584 if big else 2048,
             "patch_size": 14,
             "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
             "window_size": 112,
             "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2,
             "temporal_patch_size": 2,
         },
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vocab_size": 152064 if big else 151936,
     }
+
+
+@pytest.mark.parametrize("size", ["3b", "7b"])
+def test_published_qwen25vl_configs_pass_for_their_size(size, tmp_path):
+    """The published 3B / 7B config.json pass the hf: check for sizes 3b / 7b (base and ViT), whatever
+    order the size table keeps the full-attention blocks in; the other size's fails naming each field."""
     with open(tmp_path / "config.json", "w") as f:
-        json.dump(published, f)
-    config = star_config.get_config("size=3b,stage=generation")
-    assert tuple(config.model.vision.fullatt_block_indexes) == (31, 23, 15, 7)
-    hf_config.check_star_config(config, str(tmp_path))
-    decoder = qwen2.DecoderConfig.from_dict(config.model.decoder)
+        json.dump(published_config(size), f)
+    for stage in ("generation", "understanding"):
+        config = star_config.get_config(f"size={size},stage={stage}")
+        comps, decoder, vcfg = init_sources.model_configs(config)
+        assert init_sources.check_hf_dir(str(tmp_path), comps, decoder, vcfg) == (True, True)
+        hf_config.check_star_config(config, str(tmp_path))
+    other = star_config.get_config(f"size={'3b' if size == '7b' else '7b'},stage=generation")
+    comps, decoder, vcfg = init_sources.model_configs(other)
+    with pytest.raises(ValueError) as e:
+        init_sources.check_hf_dir(str(tmp_path), comps, decoder, vcfg)
+    msg = str(e.value)
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        assert f"; {field}: config" in msg or f"config: {field}: config" in msg, field
+    assert "tie_embeddings" in msg and "vision.out_hidden_size" in msg and "head_dim" not in msg
+    assert "vision.depth" not in msg and "fullatt" not in msg and "rope_theta" not in msg
+    # Order carries no meaning for the full-attention blocks; their set does.
+    config = star_config.get_config(f"size={size},stage=generation")
     vcfg = vision.VisionConfig.from_dict(config.model.vision, fullatt_block_indexes=(7, 15, 23))
+    decoder = qwen2.DecoderConfig.from_dict(config.model.decoder)
     with pytest.raises(ValueError, match=r"vision\.fullatt_block_indexes: config \(7, 15, 23\)"):
         hf_config.check_hf_config(str(tmp_path), decoder, vcfg)
 

@@ -3,12 +3,14 @@ restore (0 and 2 worker processes), disjoint process shards, a stage driven by i
 and a corrupt-data fixture with 13 kinds of bad record."""
 
 import collections
+import io
 import json
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordWriter
+from PIL import Image
 
 from star_jax import records, shapes, stages
 from star_jax.configs import star as star_config
@@ -192,6 +194,14 @@ def png(array) -> bytes:
     return records.encode_png(np.asarray(array, np.uint8))
 
 
+def float_tiff(array) -> bytes:
+    """A 32-bit float TIFF: an image with no defined 8-bit range, which the loader refuses (grey,
+    RGBA and 16-bit images are converted, see tests/test_images.py)."""
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(array, np.float32), mode="F").save(out, format="TIFF")
+    return out.getvalue()
+
+
 def fixture_dataset(tmp_path):
     """A pairs dataset (with codes) whose 'validation' and 'train' splits hold 6 good records and
     13 bad ones of 13 kinds. Returns (dir, expected skips with images, expected skips with codes)."""
@@ -207,8 +217,8 @@ def fixture_dataset(tmp_path):
         ("missing caption", "missing_field", "missing_field"),
         ({**base, "image": b"GIF89a garbage"}, "corrupt_image", None),
         ({**base, "image": base["image"][:50]}, "corrupt_image", None),  # truncated PNG
-        ({**base, "image": png(rgb[..., 0])}, "image_channels", None),  # grey
-        ({**base, "image": png(np.concatenate([rgb, rgb[..., :1]], -1))}, "image_channels", None),  # RGBA
+        ({**base, "image": float_tiff(rgb[..., 0])}, "image_channels", None),  # float pixels: no 8-bit range
+        ({**base, "image": float_tiff(rgb[..., 1])}, "image_channels", None),
         ({**base, "image": png(rgb[:8, :8])}, "image_size", None),  # too small
         ({**base, "image": png(np.zeros((20, 100, 3)))}, "image_size", None),  # aspect 5
         ({**base, "caption": "   "}, "empty_text", "empty_text"),

@@ -301,16 +301,16 @@ def test_generate_cli_is_deterministic_and_survives_a_bad_prompt(demo, tmp_path,
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    "argv, message, code",
     [
-        (["--prompt", "   "], "empty caption"),
-        (["--prompt", "red " * 200], "max_prompt_len"),
+        (["--prompt", "   "], "--prompt is empty", 2),  # refused before the model loads
+        (["--prompt", "red " * 200], "max_prompt_len", 1),
     ],
 )
-def test_generate_cli_bad_prompts(demo, tmp_path, capsys, argv, message):
+def test_generate_cli_bad_prompts(demo, tmp_path, capsys, argv, message, code):
     from star_jax.cli import generate
 
-    assert generate.main(["generate", "--workdir", demo[1], *argv, "--out", str(tmp_path)]) == 1
+    assert generate.main(["generate", "--workdir", demo[1], *argv, "--out", str(tmp_path)]) == code
     assert message in capsys.readouterr().err
 
 

@@ -17,6 +17,12 @@ def png(array, mode=None) -> bytes:
     return buf.getvalue()
 
 
+def float_tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("F", (20, 20), 0.5).save(buf, format="TIFF")
+    return buf.getvalue()
+
+
 RGB = np.random.default_rng(0).integers(0, 255, (24, 32, 3), dtype=np.uint8)
 
 
@@ -26,25 +32,60 @@ def test_decode_image_accepts_rgb_bytes_and_arrays():
     np.testing.assert_array_equal(records.decode_image(np.array(png(RGB), dtype=object), "image"), RGB)
 
 
+def test_decode_image_converts_non_rgb_bytes_with_the_image_loader():
+    """Grey, RGBA and 16-bit records are read by images.load_image, not refused nor clipped."""
+    np.testing.assert_array_equal(records.decode_image(png(RGB[..., 0]), "image"), RGB[..., :1].repeat(3, -1))
+    rgba = np.concatenate([RGB, np.full((24, 32, 1), 255, np.uint8)], -1)
+    rgba[:, :8, 3] = 0
+    out = records.decode_image(png(rgba), "image")
+    assert (out[:, :8] == 255).all()  # transparent -> white
+    np.testing.assert_array_equal(out[:, 8:], RGB[:, 8:])
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 32), 32768, np.uint16)).save(buf, format="PNG")
+    assert (records.decode_image(buf.getvalue(), "image") == 128).all()
+
+
+def test_shapes_world_renders_decode_exactly_as_before():
+    """The demo's records: PNG renders of the shapes world decode to the rendered arrays, bit for bit,
+    as PIL's plain decoding gives them."""
+    from star_jax import shapes
+
+    for i in range(6):
+        for kind, keys in (("pair", ["image"]), ("edit", ["source_image", "target_image"])):
+            example = shapes.make_example("train", i, kind, resolution=(32, 64)[i % 2])
+            for key in keys:
+                data = records.encode_png(example[key])
+                out = records.decode_image(data, key)
+                np.testing.assert_array_equal(out, example[key])
+                np.testing.assert_array_equal(out, np.asarray(Image.open(io.BytesIO(data))))
+
+
 @pytest.mark.parametrize(
     "value, reason",
     [
         (b"not an image", "corrupt_image"),
         (png(RGB)[:60], "corrupt_image"),  # truncated PNG
         (b"", "corrupt_image"),
-        (png(RGB[..., 0]), "image_channels"),  # grey
-        (png(np.concatenate([RGB, RGB[..., :1]], -1)), "image_channels"),  # RGBA
         (RGB[..., :2], "image_channels"),  # array with 2 channels
         (RGB.astype(np.float32), "image_channels"),
+        (float_tiff(), "image_channels"),  # 32-bit float pixels: no defined 8-bit range
         (png(RGB[:4, :4]), "image_size"),
+        (RGB[:4, :4], "image_size"),
         (png(np.zeros((16, 96, 3))), "image_size"),  # aspect 6 > 4
+        (np.zeros((16, 96, 3), np.uint8), "image_size"),
     ],
 )
 def test_decode_image_rejects(value, reason):
     with pytest.raises(records.BadRecord) as e:
         records.decode_image(value, "source_image")
     assert e.value.reason == reason
-    assert "source_image" in str(e.value)
+    assert "source_image" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_decode_image_counts_bombs_as_image_size(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(records.BadRecord, match="image_size: image: .*exceeds limit of"):
+        records.decode_image(png(RGB), "image")
 
 
 def test_decode_text():

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 
 from star_jax import init_sources
 from star_jax.cli import common
-from star_jax.cli.generate import DRAWING_STAGES, sampling_flags
+from star_jax.cli.generate import DRAWING_STAGES, InputError, check_paths, sampling_flags
 from star_jax.decode import runner
 
 
@@ -39,9 +39,17 @@ def main(argv: list[str]) -> int:
     if len(fv.instruction) not in (1, len(fv.image)):
         common.usage_error(prog, f"{len(fv.instruction)} --instruction for {len(fv.image)} --image: give 1 or one each")
     instructions = fv.instruction * len(fv.image) if len(fv.instruction) == 1 else fv.instruction
+    empty = [i for i, ins in enumerate(fv.instruction) if not ins.strip()]
     try:
+        if empty:
+            raise InputError(f"--instruction {'' if len(fv.instruction) == 1 else f'#{empty[0] + 1} '}is empty")
+        check_paths(fv.workdir, fv.out)
         images = [read_image(path) for path in fv.image]
+    except ValueError as e:  # an empty instruction, no workdir, a missing or unreadable image
+        return common.error(prog, e)
+    try:
         star = runner.StarRunner(*init_sources.load_workdir(fv.workdir, DRAWING_STAGES)[:2])
+        common.log_to(os.path.join(fv.workdir, "star_jax.log"))
         out = star.edit(
             images,
             instructions,
@@ -51,7 +59,7 @@ def main(argv: list[str]) -> int:
             temperature=fv.temperature,
             seed=fv.seed,
         )
-    except (ValueError, init_sources.WorkdirError) as e:  # unreadable images, no checkpoint, bad instructions
+    except (ValueError, init_sources.WorkdirError) as e:  # no checkpoint, an instruction that does not fit
         return common.error(prog, e)
     os.makedirs(fv.out, exist_ok=True)
     for i, img in enumerate(out):

@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from star_jax import init_sources, shapes
+from star_jax import init_sources, shapes, stages
 from star_jax.cli import common
 from star_jax.decode import runner as runner_lib
 from star_jax.eval import shapes_world
@@ -104,7 +104,8 @@ def write_ground_truth(out: str, per_task: int, *, resolution: int = 64, split: 
 
 
 def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: int) -> dict:
-    """QA of `stage`'s checkpoint in `workdir`: {"per_kind": {kind: {"accuracy", "control", "n"}}, "overall", "control"}."""
+    """QA of `stage`'s checkpoint in `workdir`:
+    {"per_kind": {kind: {"accuracy", "control", "n"}}, "overall", "control"}."""
     runner = runner_lib.StarRunner(*init_sources.load_workdir(workdir, (stage,))[:2])
     real = shapes_world.understanding(runner, num=num, split=split, seed=seed)
     control = shapes_world.understanding(runner, num=num, split=split, seed=seed, shuffle_images=True)
@@ -182,10 +183,16 @@ def _qa_main(argv: list[str]) -> int:
     flags.DEFINE_string("results", None, "write the result as JSON here", flag_values=fv)
     flags.mark_flag_as_required("workdir", flag_values=fv)
     common.parse_flags(fv, argv, __doc__)
+    prog = argv[0]
+    if fv.stage not in stages.names():
+        common.usage_error(prog, f"--stage {fv.stage!r} is not a stage; known: {', '.join(stages.names())}")
+    if not os.path.isdir(fv.workdir):
+        return common.error(prog, f"--workdir {fv.workdir!r} does not exist")
     try:
         result = question_answering(fv.workdir, stage=fv.stage, num=fv.num, split=fv.split, seed=fv.seed)
     except init_sources.WorkdirError as e:
-        return common.error(argv[0], e)
+        return common.error(prog, e)
+    common.log_to(os.path.join(fv.workdir, "star_jax.log"))
     if fv.results:
         with open(fv.results, "w") as f:
             json.dump(result, f, indent=1)

@@ -1,22 +1,44 @@
 """`star-jax export --workdir W --out DIR --format star|hf [--verify]`: a stage's weights in the
 reference STAR layout (`star.safetensors`, optionally `star.pt`) or as a Hugging Face directory.
 
-Streams tensor by tensor from the stage checkpoint (see `star_jax.convert.export`).
+Streams tensor by tensor from the stage checkpoint (see `star_jax.convert.export`). The Hugging Face
+directory also gets the stage's tokenizer (`config.data.tokenizer`: its tokenizer.json, or the
+built-in vocabulary written as one), so the tokenizer travels with the weights. `--verify` works for
+every stage (what it compares: `star_jax.convert.verify`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from absl import flags
 
 from star_jax.cli import common
 from star_jax.convert import export, verify
+from star_jax.convert.stage_reader import stage_config
 from star_jax.convert.table import CheckpointError
 from star_jax.convert.tensor_io import SafetensorsFile
+from star_jax.text import tokenizer
 
-STAGES = ("editing", "generation", "understanding")
+STAGES = ("editing", "generation", "understanding", "vq")
+
+
+def write_tokenizer(workdir: str, stage: str, out_dir: str) -> str | None:
+    """Copies the stage's tokenizer into `out_dir/tokenizer.json` (the built-in one written as a
+    Hugging Face tokenizer.json); None for "builtin-stems", which has no tokenizer.json form."""
+    name = stage_config(workdir, stage).data.tokenizer
+    dest = os.path.join(out_dir, "tokenizer.json")
+    if name == "builtin":
+        return tokenizer.write_builtin_tokenizer_json(dest)
+    if name == "builtin-stems":
+        return None
+    src = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if not os.path.exists(src):
+        src = os.path.join(workdir, os.path.basename(src))  # a moved workdir holds its own copy
+    shutil.copyfile(src, dest)
+    return dest
 
 
 def parse_size(text: str) -> int:
@@ -67,15 +89,22 @@ def main(argv: list[str]) -> int:
                 max_shard_bytes=parse_size(fv.max_shard_size),
                 with_vision=vision,
             )
-    except CheckpointError as e:
+            tok = write_tokenizer(fv.workdir, stage, fv.out)
+            summary["files"] += [tok] if tok else []
+    except (CheckpointError, OSError) as e:
         print(f"star-jax export: {e}", file=sys.stderr)
         return 1
     print(f"exported {summary['tensors']} tensors ({summary['bytes'] / 1e6:.1f} MB) of {stage}:")
     for f in summary["files"]:
         print("  " + f)
     if fv.verify:
-        if fv.format == "star":
-            verify.verify_export(fv.workdir, stage, tensors=SafetensorsFile(summary["files"][0]))
-        else:
-            verify.verify_export(fv.workdir, stage, hf_dir=fv.out)
+        try:
+            if fv.format == "star":
+                verify.verify_export(fv.workdir, stage, tensors=SafetensorsFile(summary["files"][0]))
+            else:
+                verify.verify_export(fv.workdir, stage, hf_dir=fv.out)
+        except ModuleNotFoundError as e:
+            return common.error(argv[0], f"--verify needs PyTorch and transformers (pip install -e '.[torch]'): {e}")
+        except ValueError as e:
+            return common.error(argv[0], e)
     return 0

@@ -25,11 +25,41 @@ def sampling_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "training workdir (newest editing / generation stage)", flag_values=fv)
     flags.DEFINE_string("out", None, "output directory", flag_values=fv)
     flags.DEFINE_float("cfg", 3.0, "classifier-free guidance weight", flag_values=fv)
-    flags.DEFINE_integer("top_k", 0, "0 = no top-k filter", flag_values=fv)
-    flags.DEFINE_float("top_p", 1.0, "nucleus sampling mass; 1 = no filter", flag_values=fv)
-    flags.DEFINE_float("temperature", 1.0, "0 = greedy", flag_values=fv)
+    flags.DEFINE_integer("top_k", 0, "0 = no top-k filter", lower_bound=0, flag_values=fv)
+    flags.DEFINE_float(
+        "top_p", 1.0, "nucleus sampling mass; 1 = no filter", lower_bound=0.0, upper_bound=1.0, flag_values=fv
+    )
+    flags.DEFINE_float("temperature", 1.0, "0 = greedy", lower_bound=0.0, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
+class InputError(ValueError):
+    """A bad command-line input, found before any model loads (the command returns 2 naming it)."""
+
+
+def check_paths(workdir: str, out: str | None = None) -> None:
+    """Raises InputError unless `workdir` is a directory and `out` (if given) is not a file."""
+    if not os.path.isdir(workdir):
+        raise InputError(f"--workdir {workdir!r} does not exist (a training workdir with a trained stage)")
+    if out is not None and os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out!r} is a file, not a directory")
+
+
+def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
+    """The prompts of --prompt or --prompts FILE (one per non-blank line); InputError for an empty
+    prompt or a missing or empty file."""
+    if prompt is not None:
+        if not prompt.strip():
+            raise InputError("--prompt is empty")
+        return [prompt]
+    if not os.path.isfile(prompts_file):
+        raise InputError(f"--prompts file {prompts_file!r} does not exist")
+    with open(prompts_file, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise InputError(f"--prompts file {prompts_file!r} holds no prompt (one per line)")
+    return prompts
 
 
 def main(argv: list[str]) -> int:
@@ -42,17 +72,16 @@ def main(argv: list[str]) -> int:
     sampling_flags(fv)
     common.parse_flags(fv, argv, __doc__)
     prog = argv[0]
-    if fv.prompt is not None:
-        prompts = [fv.prompt]
-    else:
-        if not os.path.exists(fv.prompts):
-            return common.error(prog, f"--prompts file {fv.prompts!r} does not exist")
-        with open(fv.prompts, encoding="utf-8") as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    try:
+        prompts = read_prompts(fv.prompt, fv.prompts)
+        check_paths(fv.workdir, fv.out)
+    except InputError as e:
+        return common.error(prog, e)
     try:
         star = runner.StarRunner(*init_sources.load_workdir(fv.workdir, DRAWING_STAGES)[:2])
     except init_sources.WorkdirError as e:
         return common.error(prog, e)
+    common.log_to(os.path.join(fv.workdir, "star_jax.log"))
     os.makedirs(fv.out, exist_ok=True)
     kw = dict(cfg=fv.cfg, top_k=fv.top_k, top_p=fv.top_p, temperature=fv.temperature)
     all_images, failed = [], 0

@@ -1,22 +1,38 @@
-"""`star-jax train --config configs/star.py:size=..,stage=.. --workdir W`: one stage, resumable."""
+"""`star-jax train --config configs/star.py:size=..,stage=.. --workdir W`: one stage, resumable.
+
+The config is checked before anything is built or written (sizes, stage, prompt lengths, and the
+init sources a fresh run reads: earlier stages' checkpoints, `hf:` / `vq:` / `star:` / `stage:`
+paths, an `hf:` directory's config.json); a mistake is one line on stderr, exit 2. The log
+(library messages included) goes to W/star_jax.log.
+"""
 
 from __future__ import annotations
 
-import sys
+import os
 
-from star_jax import train
+import jax
+
+from star_jax import records, train
 from star_jax.cli import common
+from star_jax.configs import validation
+
+USAGE = "--config configs/star.py:size=tiny,stage=understanding --workdir DIR are required"
 
 
 def main(argv: list[str]) -> int:
-    fv = common.parse(argv)
+    fv = common.parse(argv, doc=__doc__)
+    prog = argv[0]
     if fv.config is None or fv.workdir is None:
-        print(
-            "usage: star-jax train --config configs/star.py:size=tiny,stage=understanding --workdir DIR",
-            file=sys.stderr,
-        )
-        return 2
+        common.usage_error(prog, USAGE)
     config = fv.config
-    out = train.train_and_evaluate(config, fv.workdir)
+    try:
+        validation.validate(config, num_devices=jax.device_count(), workdir=fv.workdir)
+    except validation.ConfigError as e:
+        return common.error(prog, e)
+    common.log_to(os.path.join(fv.workdir, "star_jax.log"))
+    try:
+        out = train.train_and_evaluate(config, fv.workdir)
+    except (validation.ConfigError, records.BadDataError) as e:  # the mesh for these devices; bad data
+        return common.error(prog, e)
     print({k: round(v, 5) for k, v in out.items()})
     return 0

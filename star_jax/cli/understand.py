@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from absl import flags
 
 from star_jax import init_sources
 from star_jax.cli import common
 from star_jax.cli.edit import read_image
+from star_jax.cli.generate import InputError, check_paths
 from star_jax.decode import runner
 
 # Stages whose checkpoints hold a base that answers, newest first.
@@ -22,14 +25,22 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_string("image", None, "image file (omit for a text-only question)", flag_values=fv)
     flags.DEFINE_string("question", None, "the question", flag_values=fv)
     flags.DEFINE_integer("max_new_tokens", 32, "answer length limit", lower_bound=1, flag_values=fv)
-    flags.DEFINE_float("temperature", 0.0, "0 = greedy", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "0 = greedy", lower_bound=0.0, flag_values=fv)
     flags.mark_flags_as_required(["workdir", "question"], flag_values=fv)
     common.parse_flags(fv, argv, __doc__)
+    prog = argv[0]
     try:
+        if not fv.question.strip():
+            raise InputError("--question is empty")
+        check_paths(fv.workdir)
         images = None if fv.image is None else np.stack([read_image(fv.image)])
+    except ValueError as e:  # an empty question, no workdir, a missing or unreadable image
+        return common.error(prog, e)
+    try:
         star = runner.StarRunner(*init_sources.load_workdir(fv.workdir, ANSWERING_STAGES)[:2])
+        common.log_to(os.path.join(fv.workdir, "star_jax.log"))
         answer = star.understand(images, [fv.question], max_new_tokens=fv.max_new_tokens, temperature=fv.temperature)
-    except (ValueError, init_sources.WorkdirError) as e:  # an unreadable image, no checkpoint
-        return common.error(argv[0], e)
+    except (ValueError, init_sources.WorkdirError) as e:  # no checkpoint, a question that does not fit
+        return common.error(prog, e)
     print(answer[0])
     return 0

@@ -11,8 +11,10 @@ the fraction of the codebook used over `--usage_images` renders.
 The VQ comes from `--workdir` (the newest checkpoint of a run's `vq` stage, or of a later stage that
 holds the VQ frozen, with the config saved beside it), from `--weights` (reference names: standalone
 `.safetensors` / `.pt` or a STAR checkpoint's `pixel_encoder.*`; sizes read off the shapes, or from
-`--size` when both are given) or, for smoke runs, a random init of `--size`. Images are converted to RGB, resized (bicubic) to
-the VQ's `image_size` and scaled to [-1, 1]. Each ArrayRecord record is a msgpack map
+`--size` when both are given) or, for smoke runs, a random init of `--size`. Images are read by
+`star_jax.images.load_image` (16-bit scaled, transparency composited onto white, palette / grey / CMYK
+converted, EXIF orientation applied; a file that is no image stops the command with one line naming
+it), resized (bicubic) to the VQ's `image_size` and scaled to [-1, 1]. Each ArrayRecord record is a msgpack map
 `{"name": str, "shape": [h, w], "dtype": "<i4", "codes": bytes}` (`encode_record` / `decode_record`).
 """
 
@@ -57,17 +59,23 @@ def decode_record(blob: bytes) -> tuple[str, np.ndarray]:
 
 
 def write_codes(path: str, items) -> int:
-    """Writes (name, codes [h, w]) pairs to an ArrayRecord file; returns the record count."""
+    """Writes (name, codes [h, w]) pairs to an ArrayRecord file; returns the record count. The file
+    appears only once complete: an error part-way (an image that does not load) leaves nothing."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    writer = ArrayRecordWriter(path, "group_size:1")
+    partial = f"{path}.partial"
+    writer = ArrayRecordWriter(partial, "group_size:1")
     n = 0
     try:
         for name, codes in items:
             writer.write(encode_record(name, codes))
             n += 1
-    finally:
+    except BaseException:
         writer.close()
+        os.remove(partial)
+        raise
+    writer.close()
+    os.replace(partial, path)
     return n
 
 
@@ -97,11 +105,10 @@ def list_images(folder: str) -> list[str]:
 
 
 def load_image(path: str, size: int) -> np.ndarray:
-    """[size, size, 3] float32 in [-1, 1] (RGB, bicubic resize)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        rgb = np.asarray(im.convert("RGB"))
+    """[size, size, 3] float32 in [-1, 1]: `images.load_image` (16-bit scaled, alpha over white,
+    EXIF orientation applied; `images.ImageError`, one line naming the file, when it is no image),
+    then a bicubic resize."""
+    rgb = image_lib.load_image(path, name=path)
     return image_lib.to_unit_range(image_lib.resize_square(rgb, size))
 
 

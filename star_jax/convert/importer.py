@@ -1,20 +1,36 @@
-"""Import of reference STAR weights into a star_jax stage directory (ready to generate or train on).
+"""Import of reference weights into a star_jax stage directory (ready to generate or train on).
 
-Sources, merged by name (the first source that holds a name wins):
+Two routes, by what is given:
+- **No STAR file** (the lab's path: `--hf` Qwen2.5-VL directory and / or `--vq` file): the stage's
+  model is built sharded on `config.mesh` and filled by `init_sources.initialise` with
+  `init_from = ("hf:<dir>", "vq:<file>")`: the base decoder and ViT from the directory (its
+  config.json checked against the size), the VQ from the reference-layout file, the stacked AR copied
+  from the base's last N layers, the pixel adapter, image head and PatchGAN freshly initialised.
+  Every frozen-by-nature part the stage has must come from a source: `base` / `vision` need
+  `--hf`, `vq` needs `--vq`. Tensors are cast to the params' dtype.
+- **A STAR file** (`--star`, plus optionally `--hf` / `--vq` for the parts it lacks), merged by name
+  (the first source that holds a name wins):
   1. the reference STAR state dict: `.safetensors` (or a directory of them); a `.pt` / `.pth`
      (`{'state_dict': ...}`, read with `torch.load(weights_only=True)`) only with `allow_pickle`;
   2. the base's Hugging Face Qwen2.5-VL / Qwen2 directory, its names put under `llm.`;
   3. the VQ weights (standalone `encoder.*` or STAR `pixel_encoder.*` names), under `pixel_encoder.`.
-Every tensor is checked against the mapping table (`star_table.star_entries`): missing,
-unexpected and mis-shaped tensors are reported together, and a dtype that differs from the
-target param's is an error naming the tensor unless `cast=True`. The result is written with
-`StageCheckpoints` exactly as the trainer lays a stage out: frozen params in `frozen/`, trainable
-params + a fresh optimizer state + other variables at step 0, the config, and `DONE`, so
-`init_sources.load_from_stage` (generation, evaluation, a next stage's `init_from`) reads it.
+  Every tensor is checked against the mapping table (`star_table.star_entries`): missing,
+  unexpected and mis-shaped tensors are reported together, and a dtype that differs from the
+  target param's is an error naming the tensor unless `cast=True`. Parts the reference has no
+  tensors for (the PatchGAN, a project's parts) are freshly initialised.
+Every source is checked before anything is written. The stage is written with `StageCheckpoints`
+exactly as the trainer lays it out (frozen params in `frozen/`, trainable params + a fresh optimizer
+state + other variables at step 0, `DONE`, then `config.json`) into a temporary directory renamed
+into place at the end, so a failed import leaves nothing. An HF directory's `tokenizer.json` is
+copied into the workdir and the stage's `config.data.tokenizer` points at it (the tokenizer travels
+with the weights); the saved `config.train.init_from` records the sources.
+`star-jax train` of the stage resumes from step 0 (no re-initialisation).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator, Mapping
 
 import jax
@@ -22,11 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from star_jax import checkpointing, optim, sharding
-from star_jax.convert import hf, hf_config, star_table, tensor_io, vq_table
+from star_jax import checkpointing, init_sources, optim, sharding, stages
+from star_jax.convert import hf, star_table, tensor_io, vq_table
 from star_jax.convert.stage_reader import build_star
 from star_jax.convert.table import CheckpointError, check_dtypes, fill_state, tensor_shape
 from star_jax.models import star
+
+# The parts an import must load from a source (the rest may start fresh), and the flag that gives them.
+REQUIRED_PARTS = {"base": "--hf", "vision": "--hf", "vq": "--vq"}
 
 
 class MergedTensors(Mapping):
@@ -117,11 +136,28 @@ def load_star(config, tensors: Mapping, *, stage: str | None = None, cast: bool 
         tensors = _with_usage_default(tensors, flat)
         dtype_of = tensors.dtype if hasattr(tensors, "dtype") else lambda n: tensors[n].dtype if n in tensors else None
         check_dtypes(entries, {p: a.dtype for p, a in flat.items()}, dtype_of, source=source, cast=cast)
-        ignore = star_table.IGNORED_PREFIXES
+        ignore = star_table.unused_prefixes(model.components)  # parts the stage lacks (a VQ stage: all but the VQ)
         if "base" in model.components and model.decoder_cfg.tie_embeddings:
             ignore += ("llm.lm_head.",)  # a tied checkpoint may still carry a copy
         state = fill_state(abstract, entries, tensors, source=source, ignore_prefixes=ignore)
+        state = _fresh_uncovered(state, config, stage, mesh)
         return nnx.merge(graphdef, state)
+
+
+def _fresh_uncovered(state, config, stage: str | None, mesh):
+    """`state` with the variables no reference tensor filled (the PatchGAN, a project's parts) taken
+    from a freshly initialised model; unchanged when every variable was filled."""
+    flat = dict(nnx.to_flat_state(state))
+    empty = [k for k, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
+    if not empty:
+        return state
+    fresh = sharding.create_sharded(
+        lambda: build_star(config, stage, rngs=nnx.Rngs(config.seed)), mesh, sharding.DEFAULT_RULES
+    )
+    fresh_flat = dict(nnx.to_flat_state(nnx.state(fresh)))
+    for k in empty:
+        flat[k].set_value(fresh_flat[k].get_value())
+    return nnx.from_flat_state(flat)
 
 
 def _with_usage_default(tensors: Mapping, flat: dict) -> Mapping:
@@ -136,31 +172,93 @@ def _with_usage_default(tensors: Mapping, flat: dict) -> Mapping:
     return merged
 
 
-def save_stage(model: star.Star, config, workdir: str, stage: str | None = None) -> dict:
-    """Writes `model` as step 0 of `workdir/<stage>` in the trainer's layout (see module docstring).
+def save_stage(
+    model: star.Star, config, workdir: str, stage: str | None = None, *, tokenizer: str | None = None
+) -> dict:
+    """Writes `model` as step 0 of `workdir/<stage>` in the trainer's layout (see module docstring),
+    into a temporary directory renamed into place at the end (a failure leaves nothing).
 
-    Refuses a stage directory that already holds a checkpoint. Returns counts of what was written.
+    Args:
+      tokenizer: a tokenizer.json to copy into `workdir` (`init_sources.install_tokenizer`); the
+        saved config's `data.tokenizer` points at the copy.
+    Refuses a stage that already holds a complete checkpoint (leftovers of a failed start are
+    replaced). Returns {"stage_dir", "step", "trainable", "frozen"}.
     """
     stage = stage or config.stage
-    ckpts = checkpointing.StageCheckpoints(workdir, stage, async_save=False)
+    final = os.path.abspath(os.path.join(workdir, stage))
+    refuse_existing(workdir, stage)
+    config = config.copy_and_resolve_references()
+    config.stage = stage
+    tmp_root = os.path.join(workdir, f".import-{stage}-{os.getpid()}")
+    shutil.rmtree(tmp_root, ignore_errors=True)  # an earlier, killed import of this pid
+    created = None
     try:
-        if ckpts.latest_step() is not None or ckpts.has_frozen():
-            raise CheckpointError(f"{ckpts.dir}: already holds a checkpoint; import into a fresh workdir or stage")
-        config = config.copy_and_resolve_references()
-        config.stage = stage
-        ckpts.write_config(config)
-        _, params, frozen, other = optim.split_trainable(model, list(config.train.trainable))
-        params, frozen, other = (s.to_pure_dict() for s in (params, frozen, other))
-        ckpts.save_frozen(frozen)
-        opt_state = jax.jit(optim.make_optimizer(config.train).init)(params)
-        state = {"params": params, "opt_state": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
-        ckpts.save(0, state, force=True)
-        ckpts.wait()
-        ckpts.mark_done(0)
+        if tokenizer is not None:
+            config.data.tokenizer, new = init_sources.install_tokenizer(tokenizer, workdir)
+            created = config.data.tokenizer if new else None
+        ckpts = checkpointing.StageCheckpoints(tmp_root, stage, async_save=False)
+        try:
+            _, params, frozen, other = optim.split_trainable(model, list(config.train.trainable))
+            params, frozen, other = (s.to_pure_dict() for s in (params, frozen, other))
+            ckpts.save_frozen(frozen)
+            opt_state = jax.jit(optim.make_optimizer(config.train).init)(params)
+            state = {"params": params, "opt_state": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
+            ckpts.write_config_after_save(config)
+            ckpts.save(0, state, force=True)
+            ckpts.wait()
+            ckpts.mark_done(0)
+        finally:
+            ckpts.close()
+        refuse_existing(workdir, stage)  # nobody wrote it meanwhile
+        checkpointing.discard_incomplete(workdir, stage)
+        os.rename(ckpts.dir, final)
+    except BaseException:
+        if created:
+            os.remove(created)
+        raise
     finally:
-        ckpts.close()
+        shutil.rmtree(tmp_root, ignore_errors=True)
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-    return {"stage_dir": ckpts.dir, "step": 0, "trainable": count(params), "frozen": count(frozen)}
+    return {"stage_dir": final, "step": 0, "trainable": count(params), "frozen": count(frozen)}
+
+
+def refuse_existing(workdir: str, stage: str) -> None:
+    """Raises CheckpointError when `workdir/<stage>` already holds a complete checkpoint."""
+    if checkpointing.has_checkpoint(workdir, stage):
+        raise CheckpointError(
+            f"{os.path.join(workdir, stage)}: already holds a checkpoint; import into a fresh workdir or stage"
+        )
+
+
+def _check_pickles(allow_pickle: bool, *paths: str | None) -> None:
+    for path in paths:
+        if path and not allow_pickle and path.endswith(tensor_io.TORCH_SUFFIXES):
+            tensor_io.read_tensors(path, allow_pickle=False)  # raises the one message for pickles
+
+
+def _sources(config, star_path, hf_dir, vq_path) -> tuple[str, ...]:
+    """The init sources of the no-STAR-file route; CheckpointError naming the flag a part needs."""
+    comps = stages.for_config(config).components
+    given = {"--hf": hf_dir, "--vq": vq_path}
+    lacking = sorted({flag for part, flag in REQUIRED_PARTS.items() if part in comps and not given[flag]})
+    if lacking:
+        parts = [p for p, f in REQUIRED_PARTS.items() if p in comps and f in lacking]
+        raise CheckpointError(
+            f"stage {config.stage!r} needs {', '.join(parts)}: pass {' and '.join(lacking)} (or --star FILE)"
+        )
+    unused = [
+        flag
+        for flag, path in given.items()
+        if path and flag not in {REQUIRED_PARTS[c] for c in comps if c in REQUIRED_PARTS}
+    ]
+    if unused:
+        raise CheckpointError(
+            f"stage {config.stage!r} ({', '.join(comps)}) has no part that {' / '.join(unused)} loads"
+        )
+    if hf_dir and "vision" in comps:
+        if not init_sources.check_hf_dir(hf_dir, comps, *init_sources.model_configs(config)[1:])[1]:
+            raise CheckpointError(f"{hf_dir}/config.json has no vision_config: stage {config.stage!r} needs a ViT")
+    return tuple(f"{kind}:{path}" for kind, path in (("hf", hf_dir), ("vq", vq_path)) if path)
 
 
 def import_star(
@@ -174,20 +272,49 @@ def import_star(
     allow_pickle: bool = False,
     cast: bool = False,
 ) -> dict:
-    """Reference STAR checkpoint (+ HF base directory + VQ weights) -> star_jax stage `workdir/<stage>`.
+    """Reference weights -> star_jax stage `workdir/<stage>` (see the module docstring for the routes).
 
     Args:
       config: the star_jax config whose model matches the weights (e.g. size=3b, stage=generation);
-        `config.model.*.param_dtype` is the dtype the tensors must have (unless `cast`).
+        `config.model.*.param_dtype` is the dtype a STAR file's tensors must have (unless `cast`).
       stage: the stage directory to write (default `config.stage`).
     Returns:
-      {"stage_dir", "step", "trainable", "frozen", "tensors"}.
+      {"stage_dir", "step", "trainable", "frozen", "tensors", "sources", "tokenizer"}.
     Raises:
-      CheckpointError naming the file, the mismatching config.json fields, or the tensors.
+      CheckpointError (a ValueError) naming the file, the flag a part needs, the mismatching
+      config.json fields, the tokenizer, or the tensors; nothing is written then.
     """
-    if hf_dir:
-        hf_config.check_star_config(config, hf_dir)
-    tensors = reference_tensors(star_path, hf_dir, vq_path, allow_pickle=allow_pickle)
-    source = " + ".join(p for p in (star_path, hf_dir, vq_path) if p)
-    model = load_star(config, tensors, stage=stage, cast=cast, source=source)
-    return save_stage(model, config, workdir, stage) | {"tensors": len(tensors)}
+    config = config.copy_and_resolve_references()
+    config.stage = stage or config.stage
+    comps = stages.for_config(config).components
+    if not (star_path or hf_dir or vq_path):
+        raise CheckpointError("nothing to import: give a STAR checkpoint, a Hugging Face directory or VQ weights")
+    refuse_existing(workdir, config.stage)
+    _check_pickles(allow_pickle, star_path, vq_path)
+    tokenizer = None
+    if hf_dir and config.data.tokenizer == "builtin" and os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        tokenizer = os.path.join(hf_dir, "tokenizer.json")
+    checked = config.copy_and_resolve_references()
+    checked.data.tokenizer = tokenizer or config.data.tokenizer
+    if star_path:
+        if hf_dir:
+            init_sources.check_hf_dir(hf_dir, comps, *init_sources.model_configs(config)[1:])
+        init_sources.check_tokenizer(checked, [hf_dir] if hf_dir else [])
+        tensors = reference_tensors(star_path, hf_dir, vq_path, allow_pickle=allow_pickle)
+        source = " + ".join(p for p in (star_path, hf_dir, vq_path) if p)
+        config.train.init_from = tuple(
+            f"{k}:{p}" for k, p in (("star", star_path), ("hf", hf_dir), ("vq", vq_path)) if p
+        )
+        model = load_star(config, tensors, cast=cast, source=source)
+        n_tensors = len(tensors)
+    else:
+        config.train.init_from = _sources(config, star_path, hf_dir, vq_path)
+        init_sources.check_sources(config, workdir)
+        init_sources.check_tokenizer(checked, [hf_dir] if hf_dir else [])
+        mesh, rules = sharding.mesh_from_config(config), sharding.rules_from_config(config)
+        model = sharding.create_sharded(lambda: build_star(config, rngs=nnx.Rngs(config.seed)), mesh, rules)
+        with sharding.use_mesh(mesh, rules):
+            n_tensors = len(init_sources.initialise(model, config, workdir))
+    summary = save_stage(model, config, workdir, tokenizer=tokenizer)
+    sources = config.train.init_from
+    return summary | {"tensors": n_tensors, "sources": sources, "tokenizer": tokenizer}

@@ -31,21 +31,46 @@ class Skipped:
     index: int
     reason: str
     detail: str
+    needed: int = 0  # too_long: the prompt length the record needs
+    limit: int = 0  # too_long: config.data.max_prompt_len
 
 
-def check_bad_fraction(bad: np.ndarray, seen: int, max_fraction: float, check_after: int) -> None:
+def check_bad_fraction(bad: np.ndarray, seen: int, max_fraction: float, check_after: int, longest=None) -> None:
     """Raises records.BadDataError when sum(bad) / seen > max_fraction (once seen >= check_after).
 
-    bad: [len(records.REASONS)] int, skips per reason; seen: records read (good + bad).
+    bad: [len(records.REASONS)] int, skips per reason; seen: records read (good + bad); longest:
+    (needed, limit) of the longest too_long prompt seen, if known (the advice then names the length).
     """
     total = int(np.sum(bad))
     if seen >= max(check_after, 1) and total > max_fraction * seen:
         reasons = {r: int(n) for r, n in zip(records.REASONS, bad) if n}
         raise records.BadDataError(
             f"{total} of {seen} records are bad ({total / seen:.2%}), more than "
-            f"config.data.max_bad_fraction={max_fraction:.2%}; by reason: {reasons}. "
-            "Fix or filter the data (see data/README.md), or raise the threshold."
+            f"config.data.max_bad_fraction={max_fraction:.2%}; by reason: {reasons}. " + _advice(reasons, longest)
         )
+
+
+def _advice(reasons: dict[str, int], longest) -> str:
+    """What to change: a longer prompt limit for too_long records, the data (or the threshold) otherwise."""
+    others = "Fix or filter the data (see data/README.md), or raise the threshold."
+    too_long = reasons.get("too_long", 0)
+    if not too_long:
+        return others
+    if longest:
+        needed, limit = longest
+        suggest = -(-needed // 64) * 64
+        text = (
+            f"{too_long} prompts do not fit config.data.max_prompt_len={limit} (the longest seen needs {needed} "
+            f"tokens): raise it, e.g. --config.data.max_prompt_len={suggest}."
+        )
+    else:
+        text = (
+            f"{too_long} prompts do not fit config.data.max_prompt_len: raise it "
+            "(the log's 'skipped record' lines give each prompt's length)."
+        )
+    if too_long == sum(reasons.values()):
+        return text
+    return f"{text} For the other reasons: fix or filter the data (see data/README.md), or raise the threshold."
 
 
 class _SkipBadIterator(grain.DatasetIterator):
@@ -57,6 +82,7 @@ class _SkipBadIterator(grain.DatasetIterator):
         self._max_fraction, self._check_after = max_fraction, check_after
         self._bad = np.zeros(len(records.REASONS), np.int64)
         self._seen = 0
+        self._longest = None  # (needed, limit) of the longest too_long prompt (for the error's advice)
 
     def __next__(self):
         pending = np.zeros(len(records.REASONS), np.int32)
@@ -74,9 +100,11 @@ class _SkipBadIterator(grain.DatasetIterator):
                 return {**example, "_bad": pending}
             pending[records.REASON_INDEX[example.reason]] += 1
             self._bad[records.REASON_INDEX[example.reason]] += 1
+            if example.needed > (self._longest or (0,))[0]:
+                self._longest = (example.needed, example.limit)
             if self._bad.sum() <= MAX_LOGGED:
                 logging.warning("data: skipped record %d (%s): %s", example.index, example.reason, example.detail)
-            check_bad_fraction(self._bad, self._seen, self._max_fraction, self._check_after)
+            check_bad_fraction(self._bad, self._seen, self._max_fraction, self._check_after, self._longest)
 
     def get_state(self):
         return {"parent": self._parent.get_state(), "bad": self._bad.tolist(), "seen": self._seen}

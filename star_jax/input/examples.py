@@ -147,7 +147,7 @@ class Prepare:
         except records.BadRecord as e:
             return Skipped(int(index), e.reason, e.detail)
         except sequences.SequenceTooLong as e:
-            return Skipped(int(index), "too_long", str(e))
+            return Skipped(int(index), "too_long", str(e), needed=e.needed, limit=e.limit)
         except Exception as e:  # anything else a record can trigger is counted, not fatal
             return Skipped(int(index), "other", f"{type(e).__name__}: {e}")
 

@@ -186,6 +186,27 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def write_builtin_tokenizer_json(path: str) -> str:
+    """Writes the built-in vocabulary (`BuiltinTokenizer()`, without stems) as a Hugging Face
+    `tokenizer.json` at `path`: a WordLevel model with the same ids, Qwen's specials as special
+    tokens and the same splitting (words, digits, punctuation and newlines; spaces dropped), so
+    `HFTokenizer(path).encode(t) == BuiltinTokenizer().encode(t)`. Used to ship the shapes world's
+    tokenizer with an exported model and by the tests' Hugging Face directories. Returns `path`."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    builtin = BuiltinTokenizer()
+    tok = Tokenizer(models.WordLevel(dict(builtin.ids), unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),
+            pre_tokenizers.Split(Regex(r"\n|[A-Za-z]+|[0-9]|[^\sA-Za-z0-9]"), behavior="isolated"),
+        ]
+    )
+    tok.add_special_tokens(list(QWEN_SPECIALS))
+    tok.save(path)
+    return path
+
+
 def load_tokenizer(name: str = "builtin"):
     """'builtin' / 'builtin-stems' -> BuiltinTokenizer (stems=False / True); a tokenizer.json (or a
     directory holding one) -> HFTokenizer."""
