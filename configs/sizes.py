@@ -48,7 +48,7 @@ def _vision(depth, hidden, heads, ffn, out_hidden, *, patch=14, window=112, full
         in_channels=3,
         spatial_merge_size=merge,
         window_size=window,
-        fullatt_block_indexes=tuple(fullatt if fullatt is not None else range(depth - 1, -1, -8))[::-1],
+        fullatt_block_indexes=tuple(sorted(fullatt if fullatt is not None else range(depth - 1, -1, -8))),
         rms_eps=1e-6,
     )
 

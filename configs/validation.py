@@ -1,23 +1,18 @@
 """Config validation, run before anything compiles or loads. Errors name the key and the value.
 
-`validate(config, workdir=W)` also checks the stage's init sources (`config.train.init_from`) the way
-a fresh run in W would read them: earlier stages hold a checkpoint, `stage:` / `hf:` directories and
-`vq:` / `star:` files exist, and an `hf:` directory's config.json matches the model's sizes.
+The init sources a run reads (`config.train.init_from`: checkpoints, files, an `hf:` directory's
+config.json) are checked by `star_jax.init_sources.check_start`, which knows how each is read.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 
 import ml_collections
 
 from star_jax import sharding, stages
 from star_jax.configs import common, sizes
-from star_jax.convert import hf_config
-from star_jax.convert.table import CheckpointError
-from star_jax.models import qwen2, vision
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
@@ -103,9 +98,8 @@ def _validate_lr_mults(mults) -> None:
             _fail("train.lr_mults", pair, "the factor must be a positive number")
 
 
-def validate(config, num_devices: int | None = None, workdir: str | None = None) -> None:
-    """Checks a full STAR config; raises ConfigError naming the first bad key and value. With `workdir`,
-    also the init sources a fresh run there reads (`validate_init_sources`)."""
+def validate(config, num_devices: int | None = None) -> None:
+    """Checks a full STAR config; raises ConfigError naming the first bad key and value."""
     if config.size not in sizes.SIZES:
         _fail(
             "size", config.size, f"unknown size{_did_you_mean(config.size, sizes.SIZES)}; known: {sorted(sizes.SIZES)}"
@@ -161,8 +155,6 @@ def validate(config, num_devices: int | None = None, workdir: str | None = None)
                     )
     except sharding.ShardingError as e:
         raise ConfigError(str(e)) from None
-    if workdir is not None and "train" in config:
-        validate_init_sources(config, workdir)
 
 
 def _validate_prompt_len(config, stage) -> None:
@@ -184,65 +176,6 @@ def _validate_prompt_len(config, stage) -> None:
             f"a prompt of stage {stage.name!r} needs at least {needed} tokens at this size (template + image blocks "
             f"+ text); {common.default_max_prompt_len(config, stage)} fits a typical one",
         )
-
-
-def _has_checkpoint(stage_dir: str) -> bool:
-    ckpt = os.path.join(stage_dir, "ckpt")
-    return os.path.isdir(ckpt) and any(name.isdigit() for name in os.listdir(ckpt))
-
-
-def validate_init_sources(config, workdir: str) -> None:
-    """Checks `config.train.init_from` for a fresh run of `config.stage` in `workdir` (nothing to check
-    when the stage already has a checkpoint there: the run resumes). Cheap: reads no weights."""
-    if _has_checkpoint(os.path.join(workdir, config.stage)):
-        return
-    record = stages.get(config.stage)
-    for source in config.train.init_from:
-        kind, sep, path = source.partition(":")
-        if not sep:
-            if source not in stages.names():
-                _fail(
-                    "train.init_from",
-                    source,
-                    f"not a stage; known: {', '.join(stages.names())} (or stage:/hf:/vq:/star:)",
-                )
-            if not _has_checkpoint(os.path.join(workdir, source)):
-                _fail(
-                    "train.init_from",
-                    tuple(config.train.init_from),
-                    f"stage {source!r} has no checkpoint in {workdir}; train it first, or start from weights "
-                    "(hf:<dir>, vq:<file>, star:<file>, stage:<other workdir>/<stage>)",
-                )
-        elif kind == "stage":
-            if not _has_checkpoint(path):
-                _fail("train.init_from", source, f"{path} holds no stage checkpoint")
-        elif kind == "hf":
-            _validate_hf_source(config, record, path)
-        elif kind in ("vq", "star"):
-            if not os.path.isfile(path):
-                _fail("train.init_from", source, f"no such file {path}")
-        else:
-            _fail(
-                "train.init_from",
-                source,
-                "expected a stage name, 'stage:<dir>', 'hf:<dir>', 'vq:<file>' or 'star:<file>'",
-            )
-
-
-def _validate_hf_source(config, record, path: str) -> None:
-    """`hf:<dir>`: a directory with a config.json whose fields match the parts the stage loads from it."""
-    source = f"hf:{path}"
-    if not os.path.isdir(path):
-        _fail("train.init_from", source, f"no such directory {path}")
-    with_base, with_vision = "base" in record.components, "vision" in record.components
-    if not (with_base or with_vision):
-        _fail("train.init_from", source, f"stage {record.name!r} builds no base or vision tower to load")
-    try:
-        decoder = qwen2.DecoderConfig.from_dict(config.model.decoder) if with_base else None
-        vision_cfg = vision.VisionConfig.from_dict(config.model.vision) if with_vision else None
-        hf_config.check_hf_config(path, decoder, vision_cfg)
-    except CheckpointError as e:
-        _fail("train.init_from", source, str(e))
 
 
 def validate_sizes_table() -> None:

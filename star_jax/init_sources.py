@@ -44,6 +44,7 @@ import ml_collections
 from flax import nnx
 
 from star_jax import checkpointing, sharding, stages
+from star_jax.configs import validation
 from star_jax.convert import decoder_table, hf, hf_config, star_table, tensor_io, vision_table, vq_table
 from star_jax.convert.stage_reader import build_star
 from star_jax.convert.table import CheckpointError, Entry, load_params
@@ -57,8 +58,9 @@ class WorkdirError(ValueError):
     """A workdir that holds no usable STAR checkpoint."""
 
 
-class SourceError(ValueError):
-    """An init source or tokenizer that cannot start the run; the message is one line naming it."""
+class SourceError(validation.ConfigError):
+    """An init source or tokenizer that cannot start the run; the message is one line naming the
+    config key (a ConfigError, so the CLIs print it as one line)."""
 
 
 # config.json special-token id -> the token it names (Qwen2.5-VL's image / vision markers).
@@ -145,7 +147,7 @@ def check_hf_dir(
     `vision_cfg` (when it has a ViT and the directory a `vision_config`). Returns (loads the base,
     loads the ViT). Raises CheckpointError (a ValueError) naming every mismatching field."""
     if not os.path.isdir(path):
-        raise CheckpointError(f"init source hf:{path}: no such directory")
+        raise CheckpointError(f"no such directory {path}")
     hf_json = hf_config.read_config(path)
     with_base = "base" in components
     with_vision = "vision" in components and bool(hf_json.get("vision_config"))
@@ -235,26 +237,32 @@ def check_sources(config, workdir: str, sources: Sequence[str] | None = None) ->
     (SourceError or CheckpointError) with one line naming the source."""
     comps, decoder, vision_cfg = model_configs(config)
     for source in config.train.init_from if sources is None else sources:
-        kind, sep, path = source.partition(":")
-        if not sep or kind == "stage":
-            parent, name = (workdir, source) if not sep else os.path.split(os.path.normpath(path))
-            if not checkpointing.has_checkpoint(parent, name):
-                raise SourceError(
-                    f"config.train.init_from {source!r}: {os.path.join(parent, name)} holds no complete "
-                    "checkpoint; train or import that stage first"
-                )
-        elif kind == "hf":
-            check_hf_dir(path, comps, decoder, vision_cfg)
-        elif kind in ("vq", "star"):
-            if not os.path.exists(path):
-                raise SourceError(f"config.train.init_from {source!r}: no such file")
-            if kind == "vq" and "vq" not in comps:
-                raise SourceError(f"config.train.init_from {source!r}: the {config.stage} model has no VQ")
-        else:
+        try:
+            _check_source(source, workdir, comps, decoder, vision_cfg, config.stage)
+        except (SourceError, CheckpointError) as e:
+            raise SourceError(f"config.train.init_from={source!r}: {e}") from None
+
+
+def _check_source(source: str, workdir: str, comps, decoder, vision_cfg, stage: str) -> None:
+    """One init source of `check_sources`; raises with a message that does not repeat the source."""
+    kind, sep, path = source.partition(":")
+    if not sep and source not in stages.names():
+        raise SourceError(f"not a stage; known: {', '.join(stages.names())} (or stage:/hf:/vq:/star:)")
+    if not sep or kind == "stage":
+        parent, name = (workdir, source) if not sep else os.path.split(os.path.normpath(path))
+        if not checkpointing.has_checkpoint(parent, name):
             raise SourceError(
-                f"config.train.init_from entry {source!r}: expected a stage name, "
-                "'stage:<dir>', 'hf:<dir>', 'vq:<file>' or 'star:<file>'"
+                f"{os.path.join(parent, name)} holds no complete checkpoint; train or import that stage first"
             )
+    elif kind == "hf":
+        check_hf_dir(path, comps, decoder, vision_cfg)
+    elif kind in ("vq", "star"):
+        if not os.path.exists(path):
+            raise SourceError(f"no such file {path}")
+        if kind == "vq" and "vq" not in comps:
+            raise SourceError(f"the {stage} model has no VQ")
+    else:
+        raise SourceError("expected a stage name, 'stage:<dir>', 'hf:<dir>', 'vq:<file>' or 'star:<file>'")
 
 
 def _saved_tokenizer(workdir: str, stage: str) -> str | None:
@@ -359,15 +367,23 @@ def check_tokenizer(config, hf_dirs: Sequence[str] = ()) -> None:
             )
 
 
+def check_start(config, workdir: str) -> bool:
+    """Checks the init sources a fresh start of `config.stage` in `workdir` reads (`check_sources`;
+    nothing when the stage resumes from its own checkpoint). Reads no weights and writes nothing.
+    Returns whether the stage resumes. Raises ValueError, one line."""
+    resuming = checkpointing.has_checkpoint(workdir, config.stage)
+    if not resuming:
+        check_sources(config, workdir)
+    return resuming
+
+
 def prepare(config, workdir: str) -> tuple[object, list[str]]:
     """What a run checks and decides before it builds anything (see the module docstring): on a fresh
     start every init source (`check_sources`); the tokenizer that travels with the weights
     (installed in the workdir when `config.data.tokenizer` is "builtin"); that it fits the decoder
     (`check_tokenizer`). Returns (the config, a copy when the tokenizer changed; the files it
     created, for a caller that cleans up after a failed start). Raises ValueError, one line."""
-    resuming = checkpointing.has_checkpoint(workdir, config.stage)
-    if not resuming:
-        check_sources(config, workdir)
+    resuming = check_start(config, workdir)
     created = []
     if config.data.tokenizer == "builtin":
         found = weights_tokenizer(config, workdir, resuming=resuming)

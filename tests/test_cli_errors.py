@@ -9,10 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from star_jax import main, records, sequences
+from star_jax import init_sources, main, records, sequences
 from star_jax.cli import common
 from star_jax.configs import star as star_config
-from star_jax.configs import validation
 from star_jax.convert import hf_config
 from star_jax.input import bad_records
 from star_jax.text.tokenizer import BuiltinTokenizer
@@ -84,7 +83,7 @@ def write_hf_dir(path, **text_changes):
         ),
         (
             ["--config=configs/star.py:stage=editing", "--config.train.init_from=('stage:/no/run/generation',)"],
-            ["config.train.init_from='stage:/no/run/generation'", "no stage checkpoint"],
+            ["config.train.init_from='stage:/no/run/generation'", "holds no complete checkpoint"],
         ),
         (
             ["--config=configs/star.py:stage=editing", "--config.train.init_from=('generaton',)"],
@@ -96,7 +95,10 @@ def write_hf_dir(path, **text_changes):
         ),
         (["--config=configs/star.py", "--config.mesh.ici=(3,1,1)"], ["config.mesh", "3 devices"]),
         # The default init_from of generation names earlier stages that this workdir does not hold.
-        (["--config=configs/star.py:stage=generation"], ["config.train.init_from", "stage 'vq' has no checkpoint"]),
+        (
+            ["--config=configs/star.py:stage=generation"],
+            ["config.train.init_from='vq'", "holds no complete checkpoint"],
+        ),
     ],
 )
 def test_train_mistakes_are_one_line_and_write_nothing(tmp_path, capsys, args, named):
@@ -113,25 +115,26 @@ def test_hf_directory_that_does_not_match_the_size_is_named_field_by_field(tmp_p
     code, err = run(["train", *args, f"--workdir={workdir}"], capsys)
     assert_one_line(code, err, "config.train.init_from", "num_layers: config 4", "hidden_size: config 64")
     assert not workdir.exists()
-    # The same directory with the size's values passes (no weights are read by validation).
+    # The same directory with the size's values passes (no weights are read by the check).
     good = write_hf_dir(tmp_path / "qwen_ok")
     config = star_config.get_config("size=tiny,stage=understanding")
     config.train.init_from = (f"hf:{good}",)
-    validation.validate(config, workdir=str(workdir))
+    assert init_sources.check_start(config, str(workdir)) is False
     (tmp_path / "empty").mkdir()
     config.train.init_from = (f"hf:{tmp_path / 'empty'}",)
-    with pytest.raises(validation.ConfigError, match="no config.json"):
-        validation.validate(config, workdir=str(workdir))
+    with pytest.raises(ValueError, match="config.json"):
+        init_sources.check_start(config, str(workdir))
+    assert not workdir.exists()
 
 
 def test_init_sources_are_not_checked_when_the_stage_resumes(tmp_path):
     config = star_config.get_config("size=tiny,stage=generation")
     (tmp_path / "generation" / "ckpt" / "20").mkdir(parents=True)  # a checkpoint: the run resumes
-    validation.validate(config, workdir=str(tmp_path))
+    assert init_sources.check_start(config, str(tmp_path)) is True
     fresh = tmp_path / "fresh"
     (fresh / "vq" / "ckpt" / "5").mkdir(parents=True)
-    with pytest.raises(validation.ConfigError, match="stage 'understanding' has no checkpoint"):
-        validation.validate(config, workdir=str(fresh))
+    with pytest.raises(ValueError, match="understanding holds no complete checkpoint"):
+        init_sources.check_start(config, str(fresh))
 
 
 def test_config_path_resolves_from_the_installed_package_outside_the_repository(tmp_path, monkeypatch):

@@ -313,3 +313,9 @@ def test_cli_subcommands_missing_and_malformed_flags(capsys):
     assert "encode" in capsys.readouterr().out
     assert main.run(["star-jax", "--help"]) == 0
     assert "understand" in capsys.readouterr().out
+
+
+def test_reference_sizes_list_full_attention_blocks_as_published():
+    """Qwen2.5-VL-3B / 7B's config.json: fullatt_block_indexes [7, 15, 23, 31], in that order."""
+    for size in ("3b", "7b"):
+        assert tuple(sizes.get_size(size)["vision"]["fullatt_block_indexes"]) == (7, 15, 23, 31)

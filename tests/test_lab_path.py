@@ -274,6 +274,15 @@ def test_failed_train_starts_leave_nothing(published, tmp_path, capsys, monkeypa
         assert "\n" not in str(e.value)
         assert listing(w) == []
 
+    # Through the CLI: one line, exit 2, no stage directory (the CLI keeps its log, star_jax.log).
+    capsys.readouterr()
+    args = [CONFIG.format(stage="generation"), f"--workdir={w}", f"--config.data.tokenizer={big}"]
+    rc = run("train", *args, "--config.train.init_from=()")
+    _one_line_failure(capsys, rc, "the tokenizer has 301 ids, the decoder 256")
+    assert listing(w) in ([], ["star_jax.log"])
+    if os.path.exists(os.path.join(w, "star_jax.log")):
+        os.remove(os.path.join(w, "star_jax.log"))
+
     # A crash before the first checkpoint (here: when the frozen params are saved) removes what the start wrote.
     config = tiny("vq")
     config.vq_loss.disc_weight = 0.0  # no PatchGAN: a smaller model to build

@@ -43,9 +43,11 @@ STAGES = ("generation", "editing", "understanding")
 NUM_EXAMPLES = 16
 # The record field that holds each stage's input text (must be distinct over the 16 examples).
 TEXT_FIELD = {"pairs": "caption", "qa": "question", "edits": "instruction"}
-# Prompt lengths that fit the shapes world's examples (the default budgets a 256-token reasoning
-# rewrite / a 128-token instruction, 5x the compute for nothing here).
-PROMPT_LEN = {"generation": 48, "understanding": 64, "editing": 128}
+# Prompt lengths the 16 examples are first built at; `data.max_prompt_len` is then the longest
+# example's, rounded up to PROMPT_LEN_MULTIPLE (the default budgets a 256-token reasoning rewrite or a
+# 128-token instruction: up to 5x the compute for nothing here).
+MAX_PROMPT_LEN = {"generation": 64, "understanding": 96, "editing": 160}
+PROMPT_LEN_MULTIPLE = 8
 # Defaults per stage: steps and the peak learning rate (10 warm-up steps, then cosine to 0) that
 # reproduce all 16 examples from random weights. A constant 3e-3 left 2 of 16 images one code off
 # after 200 generation steps (teacher-forced accuracy plateaus); the decay settles the last codes.
@@ -127,7 +129,8 @@ def memorise_config(
     config.data.num_train_examples = NUM_EXAMPLES
     config.data.num_eval_examples = NUM_EXAMPLES
     config.data.memorise_indices = distinct_indices(reads, seed=seed)
-    config.data.max_prompt_len = PROMPT_LEN[stage]
+    config.data.max_prompt_len = MAX_PROMPT_LEN[stage]
+    config.data.max_prompt_len = _prompt_len(config)
     config.train.init_from = ()  # random VQ and base; the stack is copied from the random base
     config.train.batch_size = batch_size
     config.train.num_steps = steps
@@ -139,6 +142,16 @@ def memorise_config(
     config.train.keep_last = 1
     config.train.sample_every = 0
     return config
+
+
+def _prompt_len(config) -> int:
+    """The prompt length the longest of the 16 examples needs, rounded up to PROMPT_LEN_MULTIPLE."""
+    _, built = _records(config, stages.for_config(config))
+    bad = [b for b in built if not isinstance(b, dict)]
+    if bad:
+        raise ValueError(f"memorisation examples that cannot be built: {bad}")
+    longest = max(int(b["prompt_mask"].sum()) for b in built)
+    return -(-longest // PROMPT_LEN_MULTIPLE) * PROMPT_LEN_MULTIPLE
 
 
 def _records(config, stage) -> tuple[list[dict], list]:

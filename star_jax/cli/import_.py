@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     fv = common.parse(argv, _define, __doc__)
     prog = argv[0] if argv else "star-jax import"
     if fv.config is None or fv.workdir is None or not (fv.star or fv.hf or fv.vq):
-        return common.error(prog, USAGE.removeprefix("usage: "))
+        return common.error(prog, f"needs --config, --workdir and at least one of --hf / --vq / --star ({USAGE})")
     try:
         summary = importer.import_star(
             fv.config,

@@ -12,7 +12,7 @@ import os
 
 import jax
 
-from star_jax import records, train
+from star_jax import init_sources, records, train
 from star_jax.cli import common
 from star_jax.configs import validation
 
@@ -26,13 +26,14 @@ def main(argv: list[str]) -> int:
         common.usage_error(prog, USAGE)
     config = fv.config
     try:
-        validation.validate(config, num_devices=jax.device_count(), workdir=fv.workdir)
-    except validation.ConfigError as e:
+        validation.validate(config, num_devices=jax.device_count())
+        init_sources.check_start(config, fv.workdir)  # before the log file: a refused start writes nothing
+    except ValueError as e:
         return common.error(prog, e)
     common.log_to(os.path.join(fv.workdir, "star_jax.log"))
     try:
         out = train.train_and_evaluate(config, fv.workdir)
-    except (validation.ConfigError, records.BadDataError) as e:  # the mesh for these devices; bad data
+    except (ValueError, records.BadDataError) as e:  # the mesh for these devices; sources; bad data
         return common.error(prog, e)
     print({k: round(v, 5) for k, v in out.items()})
     return 0
