@@ -9,7 +9,7 @@ from flax import nnx
 
 from star_jax import optim, sharding, stages
 from star_jax.configs import star as star_config
-from star_jax.decode import generate, sampling
+from star_jax.decode import generate, sampling, text
 from star_jax.text import chat
 
 N_TOKENS = 16
@@ -152,3 +152,17 @@ def test_gradients_flow_through_frozen_base_to_adapter(model):
     norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(grads)]
     assert all(n > 0 for n in norms)  # every adapter param gets gradient, only through the base
     assert not any(k.startswith("base") for k in params)
+
+
+def test_text_decoding_draws_only_ids_the_tokenizer_has(model):
+    """A decoder table larger than the tokenizer (Qwen pads its embedding; the tiny decoder has 256
+    rows for the built-in tokenizer's ids) never emits an id the tokenizer cannot turn into text."""
+    ids = np.array([[3, 4, 5, 6]], np.int32)
+    embeds = model.base.embed(jnp.asarray(ids))
+    positions = np.broadcast_to(np.arange(4, dtype=np.int32), (3, 1, 4))
+    mask = np.ones((1, 4), bool)
+    kw = dict(max_new_tokens=24, stop_ids=(1,), temperature=5.0, seed=3)
+    free = text.generate_from_embeds(model.base, embeds, mask, positions, **kw)[0]
+    assert max(free) >= 20  # without the limit, a hot sampler reaches the upper rows
+    limited = text.generate_from_embeds(model.base, embeds, mask, positions, num_ids=20, **kw)[0]
+    assert limited and max(limited) < 20

@@ -207,6 +207,7 @@ class StarRunner:
             max_new_tokens=max_new_tokens,
             stop_ids=(self.tok.special("<|im_end|>"),),
             temperature=temperature,
+            num_ids=self.tok.vocab_size,
         )
         stop = self.tok.special("<|im_end|>")
         return [self.tok.decode([t for t in row if t != stop]).strip() for row in out]

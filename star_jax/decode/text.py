@@ -27,8 +27,10 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray
     return ids, mask
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_new_tokens, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p", "num_ids"))
+def _generate(
+    graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_new_tokens, temperature, top_k, top_p, num_ids
+):
     decoder = nnx.merge(graphdef, state)
     b, t = mask.shape
     cache = decoder.init_cache(b, t + max_new_tokens)
@@ -40,6 +42,8 @@ def _generate(graphdef, state, embeds, mask, positions, rng, stop_ids, *, max_ne
     next_pos = jnp.max(jnp.where(mask[None], positions, 0), axis=(0, 2)) + 1
 
     def pick(logits, step):
+        if num_ids is not None and num_ids < logits.shape[-1]:  # ids the tokenizer has no text for
+            logits = jnp.where(jnp.arange(logits.shape[-1]) < num_ids, logits, -jnp.inf)
         keys = jax.vmap(lambda r: jax.random.fold_in(r, step))(rng)
         return sampling.sample(logits, keys, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -75,12 +79,14 @@ def generate_from_embeds(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int = 0,
+    num_ids: int | None = None,
 ) -> list[list[int]]:
     """Continues left-padded prompts given as embeddings [B, T, D] (mask [B, T] bool, positions
     [3, B, T] int32, e.g. with ViT blocks) by up to `max_new_tokens` tokens each.
 
     Greedy when temperature is 0; a row stops at its first stop token (kept in the output).
-    Returns the generated ids per row.
+    `num_ids`: only ids below it are drawn (the tokenizer's vocabulary, when the decoder's table is
+    larger, as Qwen's padded embedding is). Returns the generated ids per row.
     """
     if not stop_ids:
         raise ValueError("stop_ids must name at least one token")
@@ -98,6 +104,7 @@ def generate_from_embeds(
         temperature=float(temperature),
         top_k=int(top_k),
         top_p=float(top_p),
+        num_ids=num_ids,
     )
     out = np.asarray(out)[:, : int(steps)]
     results = []
