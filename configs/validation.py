@@ -114,7 +114,9 @@ def validate(config, num_devices: int | None = None) -> None:
     validate_decoder(config.model.decoder)
     validate_vision(config.model.vision)
     validate_vq(config.model.vq)
-    _positive(config.model.star, "model.star")
+    _positive({k: v for k, v in config.model.star.items() if k != "caption_dropout"}, "model.star")
+    if not 0.0 <= config.model.star.get("caption_dropout", 0.1) < 1.0:
+        _fail("model.star.caption_dropout", config.model.star.caption_dropout, "must be in [0, 1) (0 = no CFG rows)")
     if config.model.star.get("stack_init", "copy_last") not in ("copy_last", "random"):
         _fail("model.star.stack_init", config.model.star.stack_init, "not one of ('copy_last', 'random')")
     if config.model.star.stack_init == "copy_last" and config.model.star.stack_layers > config.model.decoder.num_layers:

@@ -319,3 +319,12 @@ def test_reference_sizes_list_full_attention_blocks_as_published():
     """Qwen2.5-VL-3B / 7B's config.json: fullatt_block_indexes [7, 15, 23, 31], in that order."""
     for size in ("3b", "7b"):
         assert tuple(sizes.get_size(size)["vision"]["fullatt_block_indexes"]) == (7, 15, 23, 31)
+
+
+def test_caption_dropout_zero_is_valid_and_out_of_range_is_named():
+    config = _valid()
+    config.model.star.caption_dropout = 0.0  # no unconditional rows: a run without CFG
+    validation.validate(config)
+    config.model.star.caption_dropout = 1.0
+    with pytest.raises(validation.ConfigError, match=r"config.model.star.caption_dropout=1.0"):
+        validation.validate(config)

@@ -200,6 +200,7 @@ def test_convert_edits_feeds_the_editing_pipeline(tmp_path):
     assert batch["src_images"].shape == batch["images"].shape == (2, 32, 32, 3)
 
 
+@pytest.mark.slow
 def test_pretokenize_vq_codes_equal_the_on_the_fly_codes(pairs_dir, tmp_path):
     pretokenize_vq = load("pretokenize_vq")
     c = config(source="arrayrecord", path=pairs_dir)

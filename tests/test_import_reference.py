@@ -146,6 +146,7 @@ def test_import_refuses_existing_stage(release):
         importer.import_star(config, str(root / "src"), star_path=str(root / "star" / "star.safetensors"))
 
 
+@pytest.mark.slow
 def test_cli_export_verify_and_import(release, tmp_path, capsys):
     root, _, _, _ = release
     rc = star_main.run(
@@ -172,6 +173,7 @@ def test_hf_config_mismatch_is_named(release, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_star_file_into_a_vq_stage_starts_its_patchgan_fresh(release, tmp_path):
     """`import stage=vq --star FILE`: the VQ from the STAR file, the PatchGAN (no reference tensors)
     freshly initialised; a failed import (here: a second one) leaves the first untouched."""

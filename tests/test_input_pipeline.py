@@ -278,6 +278,7 @@ def test_too_many_bad_records_stop_the_run(tmp_path):
         take(pipeline.make_iterator(config), 5)
 
 
+@pytest.mark.slow
 def test_restore_with_two_workers_and_bad_records(tmp_path):
     """Two Grain worker processes: bad-record counts cross the process boundary; a restore mid-epoch
     gives the uninterrupted run's next batches and counts."""

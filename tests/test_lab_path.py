@@ -182,6 +182,7 @@ def _one_line_failure(capsys, rc, *needles):
     return err
 
 
+@pytest.mark.slow
 def test_import_understanding_and_vq_stages_and_verify(published, tmp_path, capsys):
     """stage=understanding needs only --hf, stage=vq only --vq (its PatchGAN starts fresh); --verify
     works for both."""
@@ -244,6 +245,7 @@ def test_import_mistakes_are_one_line_and_write_nothing(published, tmp_path, cap
     assert listing(w) == []
 
 
+@pytest.mark.slow
 def test_failed_train_starts_leave_nothing(published, tmp_path, capsys, monkeypatch):
     """A bad source, a mismatched HF directory or a tokenizer that does not fit stop `train` at start
     with one line and write nothing; a crash before the first checkpoint removes what it wrote; what a

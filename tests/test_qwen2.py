@@ -167,6 +167,7 @@ def test_scan_on_off_identical_logits():
     np.testing.assert_allclose(np.asarray(scanned(ids)), np.asarray(unrolled(ids)), atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_remat_on_off_identical_gradients(scan):
     ids = jnp.asarray(RNG.randint(0, 256, (2, 9)), jnp.int32)

@@ -72,6 +72,7 @@ def test_equal_frames_attend_per_frame_as_the_masked_block():
     np.testing.assert_allclose(np.asarray(tower(pixels, grid)), np.asarray(dense), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_images_are_independent():
     # Attention never crosses images: encoding two images together = encoding each alone.
     tower = _tower(TINY)
@@ -109,6 +110,7 @@ def test_scan_unrolled_and_remat_agree(remat):
         np.testing.assert_allclose(np.asarray(g0), np.asarray(g1), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_shapes_size_on_a_64px_render_in_bf16():
     image = np.zeros((64, 64, 3), np.uint8)
     image[16:48, 20:44] = (200, 30, 30)
