@@ -144,6 +144,8 @@ def _read(source, name: str) -> bytes:
         return bytes(source)
     if not isinstance(source, str | os.PathLike):
         raise TypeError(f"{name}: expected a path or bytes, got {type(source).__name__}")
+    if not os.path.exists(source):
+        raise ImageError("unreadable", f"{name}: does not exist")
     try:
         with open(source, "rb") as f:
             return f.read()

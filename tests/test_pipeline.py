@@ -322,7 +322,7 @@ def test_cli_unknown_workdir_and_bad_images(demo, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    for path, message in ((str(tmp_path / "absent.png"), "does not exist"), (str(corrupt), "cannot be read")):
+    for path, message in ((str(tmp_path / "absent.png"), "does not exist"), (str(corrupt), "not an image")):
         assert edit.main(["edit", "--workdir", demo[1], "--image", path, "--instruction", "x", "--out", missing]) == 2
         err = capsys.readouterr().err
         assert path in err and message in err

@@ -7,8 +7,9 @@ import os
 
 import numpy as np
 from absl import flags
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from star_jax import images as image_lib
 from star_jax import init_sources
 from star_jax.cli import common
 from star_jax.cli.generate import DRAWING_STAGES, InputError, check_paths, sampling_flags
@@ -16,14 +17,10 @@ from star_jax.decode import runner
 
 
 def read_image(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an image file; raises ValueError naming the file when unreadable."""
-    if not os.path.exists(path):
-        raise ValueError(f"image {path!r} does not exist")
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"image {path!r} cannot be read: {e}") from None
+    """uint8 RGB [H, W, 3] of an image file through the one loader (`images.load_image`: EXIF
+    orientation, 16-bit scaled, transparency over white); raises ValueError (images.ImageError)
+    naming the file when it is missing, unreadable or not an image."""
+    return image_lib.load_image(path, name=path)
 
 
 def main(argv: list[str]) -> int:

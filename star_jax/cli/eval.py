@@ -26,6 +26,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from star_jax import images as image_lib
 from star_jax import init_sources, shapes, stages
 from star_jax.cli import common
 from star_jax.decode import runner as runner_lib
@@ -74,8 +75,7 @@ def score_folder(images: str, metadata: str | None = None) -> list[dict]:
     results = []
     for path, meta in list_images(images, metadata):
         meta = {k: v for k, v in meta.items() if k != "filename"}
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
+        image = image_lib.load_image(path, name=path)
         correct, reason = shapes.evaluate_image(image, meta)
         results.append(
             {
