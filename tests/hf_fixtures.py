@@ -91,3 +91,35 @@ def save_qwen25vl(path: str, tie: bool = False, seed: int = 0):
     model = randomize_(Qwen2_5_VLForConditionalGeneration(qwen25vl_config(tie)), seed).eval()
     model.save_pretrained(path)
     return model
+
+
+def qwen25vl_parts(decoder, vision, *, vocab: int | None = None, layers: int | None = None) -> tuple[dict, dict]:
+    """(text_config, vision_config) kwargs of a transformers Qwen2.5-VL with the sizes of a star_jax
+    config's `model.decoder` / `model.vision` blocks (vocab / layers override the decoder's)."""
+    text = dict(
+        vocab_size=vocab or decoder.vocab_size,
+        hidden_size=decoder.hidden_size,
+        intermediate_size=decoder.intermediate_size,
+        num_hidden_layers=layers or decoder.num_layers,
+        num_attention_heads=decoder.num_heads,
+        num_key_value_heads=decoder.num_kv_heads,
+        rope_scaling={"type": "mrope", "mrope_section": list(decoder.mrope_section)},
+        rope_theta=decoder.rope_theta,
+        rms_norm_eps=decoder.rms_eps,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    vis = dict(
+        depth=vision.depth,
+        hidden_size=vision.hidden_size,
+        num_heads=vision.num_heads,
+        intermediate_size=vision.intermediate_size,
+        out_hidden_size=vision.out_hidden_size,
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        spatial_merge_size=vision.spatial_merge_size,
+        window_size=vision.window_size,
+        fullatt_block_indexes=sorted(vision.fullatt_block_indexes),
+    )
+    return text, vis

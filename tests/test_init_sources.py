@@ -46,33 +46,8 @@ def save_hf(path: str, config, seed: int = 0):
     """A random Qwen2.5-VL with the sizes of `config.model` saved with transformers' save_pretrained."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    d, v = config.model.decoder, config.model.vision
-    text = dict(
-        vocab_size=d.vocab_size,
-        hidden_size=d.hidden_size,
-        intermediate_size=d.intermediate_size,
-        num_hidden_layers=d.num_layers,
-        num_attention_heads=d.num_heads,
-        num_key_value_heads=d.num_kv_heads,
-        rope_scaling={"type": "mrope", "mrope_section": list(d.mrope_section)},
-        rope_theta=d.rope_theta,
-        rms_norm_eps=d.rms_eps,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    vis = dict(
-        depth=v.depth,
-        hidden_size=v.hidden_size,
-        num_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        out_hidden_size=v.out_hidden_size,
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        spatial_merge_size=v.spatial_merge_size,
-        window_size=v.window_size,
-        fullatt_block_indexes=sorted(v.fullatt_block_indexes),
-    )
+    d = config.model.decoder
+    text, vis = hf_fixtures.qwen25vl_parts(d, config.model.vision)
     hf_cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vis, tie_word_embeddings=d.tie_embeddings)
     torch.manual_seed(seed)
     model = hf_fixtures.randomize_(Qwen2_5_VLForConditionalGeneration(hf_cfg), seed).eval()

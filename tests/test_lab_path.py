@@ -34,34 +34,9 @@ def save_qwen25vl(path: str, *, vocab: int | None = None, layers: int | None = N
     tokenizer's), with the built-in vocabulary as its tokenizer.json. Returns the torch state dict."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    d, v = tiny().model.decoder, tiny().model.vision
+    d = tiny().model.decoder
     tok = tokenizer.BuiltinTokenizer()
-    text = dict(
-        vocab_size=vocab or d.vocab_size,
-        hidden_size=d.hidden_size,
-        intermediate_size=d.intermediate_size,
-        num_hidden_layers=layers or d.num_layers,
-        num_attention_heads=d.num_heads,
-        num_key_value_heads=d.num_kv_heads,
-        rope_scaling={"type": "mrope", "mrope_section": list(d.mrope_section)},
-        rope_theta=d.rope_theta,
-        rms_norm_eps=d.rms_eps,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    vis = dict(
-        depth=v.depth,
-        hidden_size=v.hidden_size,
-        num_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        out_hidden_size=v.out_hidden_size,
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        spatial_merge_size=v.spatial_merge_size,
-        window_size=v.window_size,
-        fullatt_block_indexes=sorted(v.fullatt_block_indexes),
-    )
+    text, vis = hf_fixtures.qwen25vl_parts(d, tiny().model.vision, vocab=vocab, layers=layers)
     cfg = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vis,
