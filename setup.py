@@ -16,7 +16,9 @@ INSTALL_REQUIRES = [
     "absl-py",
     "numpy",
     "pillow",
-    "scipy",  # connected components in ShapeEval
+    "scipy",  # connected components in ShapeEval, scaling-law fits
+    "matplotlib",  # sweep reports (star_jax/scaling)
+    "etils[epath]",  # workdirs on local disks and buckets (gs://)
     "tokenizers",
 ]
 

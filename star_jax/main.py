@@ -24,6 +24,8 @@ COMMANDS: common.Subcommands = {
     "export": ("star_jax.cli.export", "export weights to the reference / Hugging Face layout"),
     "import": ("star_jax.cli.import_", "import reference / Hugging Face weights"),
     "params": ("star_jax.cli.params", "trainable / frozen params and optimizer bytes per stage (abstract)"),
+    "aot": ("star_jax.cli.aot", "compile a stage's train step for a TPU slice on this machine: fits or not"),
+    "sweep": ("star_jax.cli.sweep", "run a scaling sweep (configs/sweeps/*.py), collect, fit and plot"),
     "bench": ("star_jax.bench.__main__", "benchmarks: decoder, data, generate, vision, convert"),
 }
 

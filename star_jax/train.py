@@ -20,10 +20,9 @@ from collections.abc import Callable, Iterator
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
-from star_jax import checkpointing, init_sources, metrics, optim, sharding, stages
+from star_jax import checkpointing, init_sources, metrics, optim, sharding, stages, train_step
 from star_jax.configs import validation
 from star_jax.input import pipeline as input_pipeline
 
@@ -101,56 +100,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def make_train_step(graphdef, objective, tx, *, grad_accum: int, skip_nonfinite: bool, post_update=None):
-    """The pure train step: (params, frozen, other, opt_state, batch, rng, step) ->
-    (params, other, opt_state, metrics). Microbatches run under `lax.scan` and gradients are
-    averaged in float32; a non-finite step leaves everything unchanged in skip mode."""
-
-    def loss_fn(params, frozen, other, batch, rng, step):
-        model = nnx.merge(graphdef, params, frozen, other)
-        loss, aux = objective(model, batch, rng, step)
-        new_other = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-        return loss.astype(jnp.float32), (aux, new_other)
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def step_fn(params, frozen, other, opt_state, batch, rng, step):
-        if grad_accum == 1:
-            (loss, (aux, new_other)), grads = grad_fn(params, frozen, other, batch, rng, step)
-        else:
-            micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-
-            def body(carry, xs):
-                grads_acc, other = carry
-                mb, i = xs
-                (loss, (aux, other)), g = grad_fn(params, frozen, other, mb, jax.random.fold_in(rng, i), step)
-                grads_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads_acc, g)
-                return (grads_acc, other), (loss, aux)
-
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            (grads, new_other), (losses, auxes) = jax.lax.scan(body, (zeros, other), (micro, jnp.arange(grad_accum)))
-            grads = jax.tree.map(lambda g: g / grad_accum, grads)
-            loss = jnp.mean(losses)
-            aux = jax.tree.map(jnp.mean, auxes)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        if post_update is not None:
-            new_params = post_update(
-                graphdef, new_params, frozen, new_other, batch, jax.random.fold_in(rng, 0x7FFFFFFF), step
-            )
-        if skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            new_params = keep(new_params, params)
-            new_opt_state = keep(new_opt_state, opt_state)
-            new_other = keep(new_other, other)
-        out = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32), **aux}
-        return new_params, new_other, new_opt_state, out
-
-    return step_fn
-
-
 def _put_batch(batch: dict, mesh, rules, batch_axes: dict | None):
     """Process-local numpy batch -> global jax arrays sharded over the batch axes."""
     out = {}
@@ -213,7 +162,7 @@ def _train(config, workdir: str, task: Task) -> dict:
             frozen = ckpts.restore_frozen(frozen)
 
         tx = optim.make_optimizer(tc)
-        opt_state = jax.jit(tx.init)(params)
+        opt_state = jax.jit(tx.init, out_shardings=train_step.opt_state_shardings(tx, params, mesh))(params)
         state = {"params": params, "opt_state": opt_state, "other": other, "step": jnp.zeros((), jnp.int32)}
         data_iter = task.make_iterator(jax.process_index(), jax.process_count())
         if latest is not None:
@@ -223,30 +172,16 @@ def _train(config, workdir: str, task: Task) -> dict:
         n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
         print(f"[{config.stage}] trainable params {n_trainable:,}, frozen {n_frozen:,}", flush=True)
 
-        step_fn = make_train_step(
+        step_fn = train_step.make_train_step(
             graphdef,
             task.objective,
             tx,
             grad_accum=tc.grad_accum,
             skip_nonfinite=tc.nonfinite == "skip",
             post_update=task.post_update,
+            batch_axes=task.batch_axes,
         )
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
-        jitted = jax.jit(
-            step_fn,
-            in_shardings=(
-                state_shardings["params"],
-                frozen_shardings,
-                state_shardings["other"],
-                state_shardings["opt_state"],
-                None,
-                None,
-                None,
-            ),
-            out_shardings=(state_shardings["params"], state_shardings["other"], state_shardings["opt_state"], None),
-            donate_argnums=(0, 2, 3),
-        )
+        jitted = train_step.jit_train_step(step_fn, state, frozen)
 
         writer = metrics.Writer(ckpts.dir, total_steps=tc.num_steps, stage=config.stage)
         step_metrics = metrics.StepMetrics(

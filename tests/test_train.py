@@ -17,7 +17,7 @@ import pytest
 import train_fixtures
 from flax import nnx
 
-from star_jax import checkpointing, optim, sharding, stages, train
+from star_jax import checkpointing, optim, sharding, stages, train, train_step
 from star_jax.configs import star
 from star_jax.models import qwen2
 
@@ -269,7 +269,7 @@ def test_gradient_accumulation_matches_full_batch():
         batch = {"ids": jnp.asarray(next(task.make_iterator(0, 1))["ids"])}
         outs = []
         for accum in (1, 4):
-            step = train.make_train_step(graphdef, task.objective, tx, grad_accum=accum, skip_nonfinite=False)
+            step = train_step.make_train_step(graphdef, task.objective, tx, grad_accum=accum, skip_nonfinite=False)
             new_params, _, _, m = jax.jit(step)(params, frozen, other, tx.init(params), batch, jax.random.key(0), 0)
             outs.append((new_params, m))
     np.testing.assert_allclose(float(outs[0][1]["loss"]), float(outs[1][1]["loss"]), rtol=1e-6)
