@@ -73,13 +73,6 @@ def get_config(arg=None):
     config.data.bad_check_after = 1_000  # records seen before max_bad_fraction is enforced
     config.data.min_image_size = 16  # images with a smaller side are skipped (counted as bad)
     config.data.max_aspect_ratio = 4.0  # images more elongated than this are skipped (counted as bad)
-    # ViT input at inference (editing / understanding): the Qwen2.5-VL processor's smart_resize keeps
-    # the aspect ratio, makes both sides multiples of patch x merge and keeps the pixel count in
-    # [vit_min_pixels, vit_max_pixels]. Reference bounds: understanding 56*56 .. 28*28*1280;
-    # editing at most 28*28*576 (STAR_SPEC section 4).
-    config.data.vit_min_pixels = 56 * 56
-    config.data.vit_max_pixels = 28 * 28 * 1280
-    config.data.edit_vit_max_pixels = 28 * 28 * 576
 
     # Mesh (data, fsdp, tensor): ICI within a slice, DCN across slices; one -1 fills the rest.
     config.mesh = ml_collections.ConfigDict()
