@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from star_jax import stages
+from star_jax.models import vision_preprocess
 
 # Qwen2.5's chat template around the user text (the built-in tokenizer's is the same length): 14 ids
 # before it (default system turn + `<|im_start|>user\n`), 6 after (`<|im_end|>\n<|im_start|>assistant\n`
@@ -70,20 +71,23 @@ def has_prompt(stage) -> bool:
     return stage.reads == "qa" or stage.image_tokens
 
 
-def vit_tokens(config) -> int:
-    """ViT tokens of one image in a prompt: merged patches of `data.vit_image_size` (or of the pixel
-    budget `data.vit_max_pixels`, when a config has one and it is larger)."""
+def vit_tokens(config, stage=None) -> int:
+    """ViT tokens of one image in a `stage` prompt: merged patches of the training square
+    `data.vit_image_size`, or for an edit (whose inference prompt must fit the same length) of the
+    larger edit budget `data.vit_edit_max_pixels` (the reference's 28 * 28 * 576 at 3b / 7b; 0 = the
+    square). Understanding prompts at inference get their ViT block on top of `data.max_prompt_len`."""
     unit = config.model.vision.patch_size * config.model.vision.spatial_merge_size
     tokens = (config.data.vit_image_size // unit) ** 2
-    max_pixels = config.data.get("vit_max_pixels", 0) or 0
-    return max(tokens, max_pixels // unit**2)
+    if stage is not None and stage.reads == "edits":
+        tokens = max(tokens, vision_preprocess.pixel_bounds(config.data, editing=True)[1] // unit**2)
+    return tokens
 
 
 def image_block_tokens(config, stage) -> int:
     """Prompt ids a `stage` example spends on its input image: the ViT block (`<|vision_start|>` +
     tokens + `<|vision_end|>`) when it uses the ViT; for an edit also the source's VQ block (+ its two
     delimiters and the newline after the blocks)."""
-    n = vit_tokens(config) + 2 if stage.uses_vit else 0
+    n = vit_tokens(config, stage) + 2 if stage.uses_vit else 0
     if stage.reads == "edits":
         n += stages.num_image_tokens(config) + 3
     return n

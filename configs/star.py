@@ -58,11 +58,19 @@ def get_config(arg=None):
     config.data.source = "shapes"  # shapes | arrayrecord | a source a project registers (config.imports)
     config.data.path = ""  # ArrayRecord directory when source = arrayrecord
     config.data.tokenizer = "builtin"  # builtin | builtin-stems (shapes world) | a Hugging Face tokenizer.json
+    # ViT input. Training resizes every image to this fixed square (static batch shapes); at inference
+    # (edit / understand) an image keeps its aspect ratio through the Qwen2.5-VL processor's
+    # smart_resize (sides multiples of patch * merge) within these pixel bounds; 0 = vit_image_size**2.
     config.data.vit_image_size = {"tiny": 56, "shapes": 64}.get(arg.size, 448)  # pixels fed to the ViT
-    # Prompt ids (left-padded); longer records are skipped and counted. The default fits the stage's
-    # examples at this size: an edit's VQ + ViT blocks + a 128-token instruction, a 256-token reasoning
-    # rewrite, a question + answer of 256 (configs/common.py: default_max_prompt_len). Set it after
-    # changing the ViT input size or the VQ grid; validation names the length a stage needs at least.
+    official = arg.size in ("3b", "7b")  # the published models: the reference's bounds
+    config.data.vit_min_pixels = 56 * 56 if official else 0  # the processor's minimum
+    config.data.vit_max_pixels = 28 * 28 * 1280 if official else 0  # understanding: the processor's maximum
+    config.data.vit_edit_max_pixels = 28 * 28 * 576 if official else 0  # an edit's source (<= 576 ViT tokens)
+    # Prompt ids (left-padded); longer records are skipped and counted, and `generate` / `edit` refuse
+    # a longer prompt. The default fits the stage's examples at this size: an edit's VQ block + ViT
+    # block (of vit_edit_max_pixels) + a 128-token instruction, a 256-token reasoning rewrite + the
+    # style suffix, a question + answer of 256 (configs/common.py: default_max_prompt_len). Set it
+    # after changing the ViT bounds or the VQ grid; validation names the length a stage needs at least.
     config.data.max_prompt_len = common.default_max_prompt_len(config, stage)
     config.data.pretokenized = False  # records carry VQ codes (no VQ encoder in the train step)
     config.data.num_workers = 0  # Grain worker processes

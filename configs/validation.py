@@ -168,6 +168,7 @@ def _validate_prompt_len(config, stage) -> None:
         s, unit = config.data.vit_image_size, config.model.vision.patch_size * config.model.vision.spatial_merge_size
         if s <= 0 or s % unit:
             _fail("data.vit_image_size", s, f"must be a positive multiple of patch_size * spatial_merge_size = {unit}")
+        _validate_pixel_bounds(config.data, unit)
     if not common.has_prompt(stage):
         return
     needed = common.prompt_len_needed(config, stage, 1)
@@ -178,6 +179,24 @@ def _validate_prompt_len(config, stage) -> None:
             f"a prompt of stage {stage.name!r} needs at least {needed} tokens at this size (template + image blocks "
             f"+ text); {common.default_max_prompt_len(config, stage)} fits a typical one",
         )
+
+
+def _validate_pixel_bounds(data, unit: int) -> None:
+    """data.vit_{min,max,edit_max}_pixels: integers >= 0 (0 = vit_image_size ** 2), each maximum at
+    least one merged patch (unit ** 2 pixels) and at least the minimum."""
+    for key in ("vit_min_pixels", "vit_max_pixels", "vit_edit_max_pixels"):
+        value = data.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            _fail(f"data.{key}", value, "must be an integer >= 0 (pixels; 0 = data.vit_image_size ** 2)")
+    low = data.get("vit_min_pixels", 0) or data.vit_image_size**2
+    for key in ("vit_max_pixels", "vit_edit_max_pixels"):
+        high = data.get(key, 0) or data.vit_image_size**2
+        if high < max(low, unit * unit):
+            _fail(
+                f"data.{key}",
+                data.get(key, 0),
+                f"below data.vit_min_pixels ({low}) or one merged patch ({unit} x {unit} = {unit * unit} pixels)",
+            )
 
 
 def validate_sizes_table() -> None:

@@ -75,7 +75,9 @@ class Pretokenizer:
             image = records.decode_image(
                 records.field(record, name), name, min_size=self.min_size, max_aspect=self.max_aspect
             )
-            out.append(image_lib.to_unit_range(image_lib.resize_square(image, self.size, crop=True)))
+            out.append(
+                image_lib.to_unit_range(image_lib.resize_square(image, self.size, crop=True, resample="bilinear"))
+            )
         return out
 
     def _flush(self, batch: list):

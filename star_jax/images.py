@@ -1,4 +1,4 @@
-"""Image conversions, one of each: float [-1, 1] <-> uint8, a bicubic square resize, and the one
+"""Image conversions, one of each: float [-1, 1] <-> uint8, a square resize, and the one
 loader of image files and encoded bytes (`load_image`, refusing with `ImageError`).
 
 Models see images as float32 in [-1, 1] (`to_unit_range`); files, metrics and the scorer see
@@ -27,20 +27,26 @@ def to_unit_range(images) -> np.ndarray:
     return np.asarray(images).astype(np.float32) * (2 / 255) - 1
 
 
-def resize_square(image: np.ndarray, size: int, *, crop: bool = False) -> np.ndarray:
-    """uint8 [H, W, 3] -> uint8 [size, size, 3], bicubic (PIL). With `crop`, the centre square is
-    cut out first (aspect kept); without, a non-square image is stretched. Returned as is when
-    already [size, size]."""
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def resize_square(image: np.ndarray, size: int, *, crop: bool = False, resample: str = "bicubic") -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3] with PIL's `resample` ("bicubic" or "bilinear", the
+    VQ input's, as the reference's). With `crop`, the centre square is cut out first (aspect kept);
+    without, a non-square image is stretched (what the reference does to an edit's source). Returned
+    as is when already [size, size]."""
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image of shape {image.shape}: expected [H, W, 3] RGB")
+    if resample not in RESAMPLE:
+        raise ValueError(f"resample={resample!r}: not one of {sorted(RESAMPLE)}")
     h, w = image.shape[:2]
     if crop and h != w:
         s = min(h, w)
         top, left = (h - s) // 2, (w - s) // 2
         image = image[top : top + s, left : left + s]
     if image.shape[:2] != (size, size):
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+        image = np.asarray(Image.fromarray(image).resize((size, size), RESAMPLE[resample]))
     return image
 
 

@@ -4,7 +4,7 @@ Every builder returns fixed-length arrays (left-padded prompts), so batches have
 the image tokens always sit at the end of the sequence:
 
   prompt_ids  [Tp] int32   chat prompt; generation / editing prompts end with <|vision_start|>
-  uncond_ids  [Tp] int32   the CFG unconditional row (caption / instruction -> <|fim_pad|>)
+  uncond_ids  [Tp] int32   the CFG unconditional row (prompt text -> <|fim_pad|>, image blocks kept)
   prompt_mask [Tp] bool    True = real token (False = left padding)
   positions   [3, Tp + N] int32  M-RoPE streams (1-D text, (t, h, w) for ViT blocks), N image tokens
   vit_mask    [Tp] bool    slots that take ViT embeddings (understanding image, edit source)
@@ -69,7 +69,13 @@ def generation_example(tok, caption: str, *, max_prompt_len: int, num_image_toke
     """Text-to-image example: chat prompt + <|vision_start|>; positions 1-D over prompt + image."""
     if not caption.strip():
         raise ValueError("empty caption")
-    ids = chat.generation_ids(tok, caption)
+    return _generation_arrays(
+        tok, chat.generation_ids(tok, caption), max_prompt_len=max_prompt_len, num_image_tokens=num_image_tokens
+    )
+
+
+def _generation_arrays(tok, ids: list[int], *, max_prompt_len: int, num_image_tokens: int) -> dict[str, np.ndarray]:
+    """The arrays of a text-to-image prompt `ids` (conditional row) with its unconditional row."""
     uncond = chat.unconditional_ids(ids, tok.special("<|fim_pad|>"))
     out = _left_pad(
         {"prompt_ids": ids, "uncond_ids": uncond, "prompt_mask": [True] * len(ids)},
@@ -81,6 +87,32 @@ def generation_example(tok, caption: str, *, max_prompt_len: int, num_image_toke
     out["prompt_ids"] = out["prompt_ids"].astype(np.int32)
     out["uncond_ids"] = out["uncond_ids"].astype(np.int32)
     return out
+
+
+# `<|im_end|>\n<|im_start|>assistant\n<|vision_start|>`: what follows the user text in a generation prompt.
+TEMPLATE_TAIL = 6
+
+
+def reasoning_example(
+    tok, prompt: str, answer_ids: list[int], suffix: str, *, max_prompt_len: int, num_image_tokens: int
+) -> dict[str, np.ndarray]:
+    """Implicit-reasoning example (STAR_SPEC section 5): the base's answer to `prompt` replaces it.
+
+    Conditional ids = E[:k] + answer_ids + ids(suffix) + E[-6:], E = the generation prompt of
+    `prompt`, k = right after `<|im_start|>user\\n` (14 with Qwen's tokenizer); `answer_ids` are the
+    base's generated ids (closing <|im_end|> removed), `suffix` is appended always (the reference's
+    " Ultra HD, 4K, cinematic composition"; "" for none). The unconditional row is
+    `chat.unconditional_ids` of that row (same length). Arrays as `generation_example`.
+    """
+    if not prompt.strip():
+        raise ValueError("empty prompt")
+    e = chat.generation_ids(tok, prompt)
+    k = user_insert_index(e, tok)
+    if e[-TEMPLATE_TAIL] != tok.special("<|im_end|>"):
+        raise ValueError("unexpected tokenisation of the template tail")
+    suffix_ids = tok.encode(suffix) if suffix else []
+    ids = e[:k] + [int(t) for t in answer_ids] + suffix_ids + e[-TEMPLATE_TAIL:]
+    return _generation_arrays(tok, ids, max_prompt_len=max_prompt_len, num_image_tokens=num_image_tokens)
 
 
 def user_insert_index(ids: list[int], tok) -> int:
@@ -108,14 +140,17 @@ def editing_example(
     """Editing example (STAR_SPEC section 4):
     E[:k] ++ [vs] ++ VQ block ++ [ve] ++ [vs] ++ ViT block ++ [ve] ++ ["\\n"] ++ E[k:],
     E = chat prompt with the instruction + <|vision_start|>; k = right after `<|im_start|>user\\n`.
-    The unconditional row drops the instruction text only. Positions: VQ block 1-D, ViT block
-    (t, h, w), text after at max + 1, target image tokens continuing 1-D.
+    The unconditional row (STAR_SPEC section 4, corrected) is `chat.unconditional_ids(E)` with the
+    same blocks inserted: every text id of E in [1 : -4] (system turn, `<|im_start|>user\\n`, the
+    instruction, `<|im_end|>\\n`) becomes <|fim_pad|>, the first id and the last 4 stay, and the VQ
+    and ViT blocks stay as in the conditional row. `vit_grid_thw` may be any (1, h, w) grid (the
+    source's `smart_resize` grid at inference). Positions: VQ block 1-D, ViT block (t, h, w), text
+    after at max + 1, target image tokens continuing 1-D.
     """
     if not instruction.strip():
         raise ValueError("empty instruction")
     e = chat.generation_ids(tok, instruction)
     k = user_insert_index(e, tok)
-    instr_end = k + len(tok.encode(instruction))  # the instruction tokens are E[k:instr_end]
     vs, ve = tok.special("<|vision_start|>"), tok.special("<|vision_end|>")
     image_pad, vision_pad = tok.special("<|image_pad|>"), tok.special("<|vision_pad|>")
     t, h, w = vit_grid_thw
@@ -123,8 +158,8 @@ def editing_example(
     newline = tok.encode("\n")
     middle = [vs] + [vision_pad] * num_vq_tokens + [ve, vs] + [image_pad] * n_vit + [ve] + newline
     ids = e[:k] + middle + e[k:]
-    fim = tok.special("<|fim_pad|>")
-    uncond = e[:k] + middle + [fim] * (instr_end - k) + e[instr_end:]
+    e_uncond = chat.unconditional_ids(e, tok.special("<|fim_pad|>"))
+    uncond = e_uncond[:k] + middle + e_uncond[k:]
     src = (
         [False] * k
         + [False]

@@ -14,7 +14,7 @@ from star_jax.cli import common as cli_common
 from star_jax.configs import common, sizes, star, validation
 from star_jax.configs.sweeps import ladder
 from star_jax.input import examples
-from star_jax.models import qwen2
+from star_jax.models import qwen2, vision_preprocess
 from star_jax.projects.shapes import config as shapes_demo
 from star_jax.projects.shapes import pipeline
 from star_jax.text.tokenizer import BuiltinTokenizer
@@ -156,14 +156,19 @@ def test_default_prompt_length_fits_every_stage_at_every_size(size):
         length, n = config.data.max_prompt_len, stages.num_image_tokens(config)
         merge = config.model.vision.spatial_merge_size
         if stage.reads == "edits":
-            sequences.editing_example(
-                tok,
-                INSTRUCTION,
-                max_prompt_len=length,
-                num_vq_tokens=n,
-                vit_grid_thw=examples.vit_grid(config),
-                spatial_merge_size=merge,
-            )
+            # The largest ViT block at inference: a square source at the edit pixel budget.
+            unit = config.model.vision.patch_size * merge
+            side = math.isqrt(vision_preprocess.pixel_bounds(config.data, editing=True)[1]) // unit * unit
+            grid = (1, side // config.model.vision.patch_size, side // config.model.vision.patch_size)
+            for vit_grid in (examples.vit_grid(config), grid):
+                sequences.editing_example(
+                    tok,
+                    INSTRUCTION,
+                    max_prompt_len=length,
+                    num_vq_tokens=n,
+                    vit_grid_thw=vit_grid,
+                    spatial_merge_size=merge,
+                )
         elif stage.reads == "qa":
             grid = examples.vit_grid(config)
             sequences.understanding_example(
@@ -179,14 +184,24 @@ def test_default_prompt_length_fits_every_stage_at_every_size(size):
 
 def test_prompt_length_defaults_at_the_reference_sizes():
     got = {name: star.get_config(f"size=3b,stage={name}").data.max_prompt_len for name in STAR_STAGES}
-    # 3b: 576 VQ codes, 256 ViT tokens of 448 px; a 128-token instruction / 256-token rewrite / QA.
-    assert got == {"vq": 64, "understanding": 576, "generation": 320, "editing": 1024}
+    # 3b: 576 VQ codes; understanding trains on 256 ViT tokens of 448 px (its inference block comes on
+    # top); an edit's source at the reference's 28 * 28 * 576 pixels: 576 ViT tokens; a 128-token
+    # instruction / 256-token rewrite + suffix / QA.
+    assert got == {"vq": 64, "understanding": 576, "generation": 320, "editing": 1344}
     config = star.get_config("size=3b,stage=editing")
-    config.data.max_prompt_len = 800
+    config.data.max_prompt_len = 1000
     with pytest.raises(
-        validation.ConfigError, match=r"max_prompt_len=800: a prompt of stage 'editing' needs at least 858"
+        validation.ConfigError, match=r"max_prompt_len=1000: a prompt of stage 'editing' needs at least 1178"
     ):
         validation.validate(config)
+    for key, value, why in (
+        ("vit_max_pixels", -1, "must be an integer >= 0"),
+        ("vit_edit_max_pixels", 100, "below data.vit_min_pixels"),
+    ):
+        config = star.get_config("size=3b,stage=editing")
+        config.data[key] = value
+        with pytest.raises(validation.ConfigError, match=f"config.data.{key}={value}: {why}"):
+            validation.validate(config)
 
 
 def test_the_shapes_demo_keeps_its_own_prompt_lengths():

@@ -166,3 +166,43 @@ def test_text_decoding_draws_only_ids_the_tokenizer_has(model):
     assert max(free) >= 20  # without the limit, a hot sampler reaches the upper rows
     limited = text.generate_from_embeds(model.base, embeds, mask, positions, num_ids=20, **kw)[0]
     assert limited and max(limited) < 20
+
+
+def test_reference_numerics_tie_and_boundary_rules():
+    """--reference_numerics: top-k keeps every token tied with the k-th value; top-p keeps a token
+    while the mass before it is <= p (the default keeps it while < p); all in bfloat16."""
+    logits = jnp.log(jnp.asarray([[0.4, 0.2, 0.2, 0.1, 0.1]], jnp.float32))
+    kept = sampling.reference_filter(logits, top_k=2, top_p=1.0)
+    assert kept.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.isfinite(np.asarray(kept, np.float32)), [[1, 1, 1, 0, 0]])  # 2 tied at the 2nd
+    # Mass before: 0, 0.4, 0.6, 0.8, 0.9 (bf16): p = 0.6 keeps the third token, the default does not.
+    kept = sampling.reference_filter(logits, top_k=0, top_p=0.6)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(kept, np.float32)), [[1, 1, 1, 0, 0]])
+    default = sampling.top_p_filter(jnp.log(jnp.asarray([[0.5, 0.25, 0.125, 0.125]], jnp.float32)), 0.75)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(default)), [[1, 1, 0, 0]])
+    ref = sampling.reference_filter(jnp.log(jnp.asarray([[0.5, 0.25, 0.125, 0.125]], jnp.float32)), 0, 0.75)
+    np.testing.assert_array_equal(np.isfinite(np.asarray(ref, np.float32)), [[1, 1, 1, 0]])
+    # Draws stay inside the kept set.
+    keys = jax.random.split(jax.random.key(0), 64)
+    draws = sampling.sample(jnp.repeat(logits, 64, 0), keys, top_k=2, reference=True)
+    assert set(np.asarray(draws).tolist()) == {0, 1, 2}
+
+
+def test_reference_numerics_cfg_rounds_to_bfloat16():
+    cond, uncond = jnp.asarray([[1.0, 2.0001]]), jnp.asarray([[0.5, 0.3]])
+    out = sampling.cfg_combine(cond, uncond, 5.0, reference=True)
+    assert out.dtype == jnp.bfloat16
+    c, u = cond.astype(jnp.bfloat16), uncond.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(u + jnp.bfloat16(5.0) * (c - u)))
+    assert sampling.cfg_combine(cond, uncond, 5.0).dtype == jnp.float32
+
+
+def test_reference_numerics_decoding_runs_in_bfloat16(model):
+    batch = _batch()
+    codes, logits = generate.generate_codes(
+        model, batch, num_tokens=4, cfg_weight=1.0, temperature=0.0, return_logits=True, reference_numerics=True
+    )
+    assert logits.dtype == jnp.bfloat16 and codes.shape == (2, 4)
+    cond = {k: jnp.asarray(v) for k, v in batch.items() if k not in ("uncond_ids", "seeds")}
+    full = np.asarray(model.image_logits(cond, jnp.asarray(codes)))  # float32 teacher forcing
+    np.testing.assert_allclose(np.asarray(logits, np.float32), full, rtol=2e-2, atol=2e-2)

@@ -195,3 +195,12 @@ def test_decompression_bombs_are_refused(monkeypatch):
         with pytest.raises(images.ImageError, match="bomb.png: .*exceeds limit of") as e:
             images.load_image(encode(Image.new("RGB", (side, side))), name="bomb.png")
         assert e.value.reason == "too_large"
+
+
+def test_resize_square_bilinear_is_pils_bilinear():
+    image = np.random.RandomState(0).randint(0, 256, (30, 50, 3), np.uint8)
+    want = np.asarray(Image.fromarray(image).resize((16, 16), Image.BILINEAR))
+    np.testing.assert_array_equal(images.resize_square(image, 16, resample="bilinear"), want)
+    assert not np.array_equal(images.resize_square(image, 16), want)  # bicubic differs
+    with pytest.raises(ValueError, match="resample='nearest'"):
+        images.resize_square(image, 16, resample="nearest")

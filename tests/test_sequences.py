@@ -51,12 +51,16 @@ def test_editing_layout_matches_spec_and_position_builder():
     src, vit = _real(ex, "src_mask"), _real(ex, "vit_mask")
     assert src.sum() == nvq and np.all(src[15 : 15 + nvq])
     assert vit.sum() == n_vit and np.all(vit[15 + nvq + 2 : 15 + nvq + 2 + n_vit])
-    # The unconditional row drops the instruction only.
+    # The unconditional row (STAR_SPEC section 4, corrected): every text id of E in [1 : -4] is
+    # <|fim_pad|> (system turn, user turn start, instruction, <|im_end|>\n); the first id, the last 4
+    # and both image blocks (with the newline after them) are kept.
     uncond = _real(ex, "uncond_ids").tolist()
-    instr = TOK.encode("make the red circle blue")
-    k = len(expected) - len(e) + 14
-    assert uncond[k : k + len(instr)] == [FIM] * len(instr)
-    assert uncond[:k] == ids[:k] and uncond[k + len(instr) :] == ids[k + len(instr) :]
+    middle = len(expected) - len(e)  # the inserted blocks
+    assert uncond[0] == ids[0] and set(uncond[1:14]) == {FIM}
+    assert uncond[14 : 14 + middle] == ids[14 : 14 + middle]
+    assert set(uncond[14 + middle : -4]) == {FIM} and uncond[-4:] == ids[-4:]
+    assert TOK.decode(uncond[-4:]) == "<|im_start|>assistant\n<|vision_start|>"
+    assert len(uncond) == len(ids)
     # Positions: an independent implementation (positions.editing_positions) agrees.
     pos = ex["positions"][:, 160 - len(ids) :]
     ref = positions.editing_positions(len(e), grid, insert_at=14, num_vq_tokens=nvq, spatial_merge_size=merge)
@@ -127,3 +131,21 @@ def test_bag_of_words_is_the_set_of_caption_tokens():
         sequences.bag_of_words(tok, "", tok.vocab_size)
     with pytest.raises(ValueError, match="vocab_size=10"):
         sequences.bag_of_words(tok, "a red circle", 10)
+
+
+def test_reasoning_row_is_head_answer_suffix_tail():
+    answer = TOK.encode("two red circles")
+    ex = sequences.reasoning_example(
+        TOK, "what is one plus one red circles?", answer, " red square", max_prompt_len=64, num_image_tokens=4
+    )
+    ids = _real(ex, "prompt_ids").tolist()
+    e = chat.generation_ids(TOK, "what is one plus one red circles?")
+    assert ids == e[:14] + answer + TOK.encode(" red square") + e[-6:]
+    assert TOK.decode(e[-6:]) == "<|im_end|>\n<|im_start|>assistant\n<|vision_start|>"
+    uncond = _real(ex, "uncond_ids").tolist()
+    assert uncond == chat.unconditional_ids(ids, FIM)
+    assert ex["positions"].shape == (3, 64 + 4)
+    no_suffix = sequences.reasoning_example(TOK, "a circle", answer, "", max_prompt_len=64, num_image_tokens=4)
+    assert _real(no_suffix, "prompt_ids").tolist() == e[:14] + answer + e[-6:]
+    with pytest.raises(sequences.SequenceTooLong):
+        sequences.reasoning_example(TOK, "a circle", answer * 20, "", max_prompt_len=64, num_image_tokens=4)

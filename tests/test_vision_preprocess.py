@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
+from star_jax.configs import star as star_config
 from star_jax.models import vision_preprocess
 
 # (height, width), min_pixels, max_pixels, patch_size: square, wide, tall, downscaled, upscaled, odd.
@@ -66,3 +67,21 @@ def test_bad_inputs_are_named():
         vision_preprocess.smart_resize(10, 3000)
     with pytest.raises(ValueError, match="images is empty"):
         vision_preprocess.preprocess([])
+
+
+def test_pixel_bounds_follow_the_config_and_default_to_the_training_square():
+    official = star_config.get_config("size=3b,stage=editing").data
+    assert vision_preprocess.pixel_bounds(official) == (56 * 56, 28 * 28 * 1280)
+    assert vision_preprocess.pixel_bounds(official, editing=True) == (56 * 56, 28 * 28 * 576)
+    tiny = star_config.get_config("size=tiny,stage=editing").data
+    assert vision_preprocess.pixel_bounds(tiny, editing=True) == (56 * 56, 56 * 56)
+    # A 1024^2 source of an edit: 576 ViT tokens (24 x 24 merged), as the reference; non-square keeps its aspect.
+    assert vision_preprocess.num_image_tokens(1024, 1024, max_pixels=28 * 28 * 576) == 576
+    h, w = vision_preprocess.smart_resize(768, 1024, 28, 56 * 56, 28 * 28 * 576)
+    assert h % 28 == 0 and w % 28 == 0 and h * w <= 28 * 28 * 576 and abs(w / h - 4 / 3) < 0.1
+
+
+def test_an_image_below_one_merged_patch_is_refused_naming_it():
+    vision_preprocess.check_min_side(28, 300, 28, name="src.png")
+    with pytest.raises(ValueError, match=r"src.png: 300x20 pixels .* minimum side of 28 pixels"):
+        vision_preprocess.check_min_side(20, 300, 28, name="src.png")

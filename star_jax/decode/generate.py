@@ -4,7 +4,10 @@ with two static KV caches (base and stack), CFG pairs folded into the batch.
 Rows 2i / 2i + 1 are the conditional / unconditional versions of prompt i (STAR_SPEC section 3).
 Each step combines their float32 logits as u + w (c - u), filters (temperature, top-k, top-p),
 samples one token per pair with the pair's own PRNG key, and feeds adapter(codebook[token]) to
-both rows. The base re-encodes every generated token; its final-normed output feeds the stack.
+both rows (with `reference_numerics`, head logits, CFG and filters are bfloat16 as the reference's:
+`sampling`). Every row's prompt is laid out by `star_jax.sequences` (text-to-image, editing,
+implicit reasoning all decode here).
+The base re-encodes every generated token; its final-normed output feeds the stack.
 Inside the loop the caches are in the decode layout (`KVCache.per_layer()`: one buffer per
 layer, updated in place) and each layer's weights are sliced (on CPU also fused) once per call,
 before the loop (`LayerStack.per_layer_params`). `cfg_mode="two_pass"` runs the conditional and
@@ -42,8 +45,8 @@ def _pair_rows(batch: dict) -> dict:
 class _Runner:
     """Prefill and one-token steps of base + stack + head with explicit caches."""
 
-    def __init__(self, model: Star, batch: dict, num_tokens: int, vit_grid):
-        self.model = model
+    def __init__(self, model: Star, batch: dict, num_tokens: int, vit_grid, logit_dtype=jnp.float32):
+        self.model, self.logit_dtype = model, logit_dtype
         self.batch = batch
         self.tp = batch["prompt_ids"].shape[1]
         self.positions = _streams(batch["positions"])  # [3, R, Tp + N]
@@ -65,7 +68,7 @@ class _Runner:
         pos = self.positions[:, :, : self.tp]
         h, base_cache = m.base.hidden(x, pos, self.base_cache, attention_mask_2d=b["prompt_mask"])
         h, stack_cache = m.stacked_ar(h, pos, cache=self.stack_cache, attention_mask_2d=b["prompt_mask"])
-        return m.image_head(h[:, -1]).astype(jnp.float32), (base_cache.per_layer(), stack_cache.per_layer())
+        return m.image_head(h[:, -1]).astype(self.logit_dtype), (base_cache.per_layer(), stack_cache.per_layer())
 
     def step(self, tokens, j, caches):
         """tokens [R] fed at image position j -> logits [R, K] for position j + 1."""
@@ -74,7 +77,7 @@ class _Runner:
         pos = jax.lax.dynamic_slice_in_dim(self.positions, self.tp + j, 1, axis=2)
         h, base_cache = m.base.hidden(x, pos, caches[0], layer_params=self.base_layers)
         h, stack_cache = m.stacked_ar(h, pos, cache=caches[1], layer_params=self.stack_layers)
-        return m.image_head(h[:, 0]).astype(jnp.float32), (base_cache, stack_cache)
+        return m.image_head(h[:, 0]).astype(self.logit_dtype), (base_cache, stack_cache)
 
 
 @functools.partial(
@@ -88,6 +91,7 @@ class _Runner:
         "cfg_mode",
         "return_logits",
         "vit_grid",
+        "reference_numerics",
     ),
 )
 def _decode(
@@ -103,13 +107,15 @@ def _decode(
     cfg_mode,
     return_logits,
     vit_grid,
+    reference_numerics,
 ):
     model = nnx.merge(graphdef, state)
+    dtype = jnp.bfloat16 if reference_numerics else jnp.float32
     n = batch["prompt_ids"].shape[0]
     keys = jax.vmap(jax.random.key)(batch["seeds"])  # one key per image
 
     if cfg_mode == "fold":
-        runner = _Runner(model, _pair_rows(batch), num_tokens, vit_grid)
+        runner = _Runner(model, _pair_rows(batch), num_tokens, vit_grid, dtype)
         logits, caches = runner.prefill()
 
         def split(logits):
@@ -123,8 +129,8 @@ def _decode(
         cond_batch = {k: v for k, v in batch.items() if k not in ("uncond_ids", "seeds")}
         uncond_batch = {**cond_batch, "prompt_ids": batch["uncond_ids"]}
         runners = (
-            _Runner(model, cond_batch, num_tokens, vit_grid),
-            _Runner(model, uncond_batch, num_tokens, vit_grid),
+            _Runner(model, cond_batch, num_tokens, vit_grid, dtype),
+            _Runner(model, uncond_batch, num_tokens, vit_grid, dtype),
         )
         (lc, cc), (lu, cu) = runners[0].prefill(), runners[1].prefill()
         logits, caches = jnp.stack([lc, lu]), (cc, cu)
@@ -142,9 +148,11 @@ def _decode(
     def body(carry, j):
         logits, caches = carry
         cond, uncond = split(logits)
-        guided = sampling.cfg_combine(cond, uncond, cfg_weight)
+        guided = sampling.cfg_combine(cond, uncond, cfg_weight, reference=reference_numerics)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, j))(keys)
-        tokens = sampling.sample(guided, step_keys, temperature=temperature, top_k=top_k, top_p=top_p)
+        tokens = sampling.sample(
+            guided, step_keys, temperature=temperature, top_k=top_k, top_p=top_p, reference=reference_numerics
+        )
         logits, caches = feed(tokens, j, caches)
         return (logits, caches), (tokens, cond if return_logits else None)
 
@@ -165,6 +173,7 @@ def generate_codes(
     cfg_mode: str = "fold",
     return_logits: bool = False,
     vit_grid: tuple[int, int, int] | None = None,
+    reference_numerics: bool = False,
 ):
     """Draws `num_tokens` image tokens for each of n prompts.
 
@@ -176,8 +185,11 @@ def generate_codes(
       vit_grid: the (t, h, w) patch grid of the source image when the prompts hold ViT slots.
       cfg_weight: guidance weight w in u + w (c - u); 1 gives the conditional logits.
       temperature: 0 (or top_k 1) is greedy.
+      reference_numerics: head logits, CFG, softmax and filters in bfloat16 with the reference's tie
+        and boundary rules (`sampling.sample(reference=True)`); default float32.
     Returns:
-      codes [n, N] int32, and (when return_logits) the conditional logits [n, N, K] float32.
+      codes [n, N] int32, and (when return_logits) the conditional logits [n, N, K] (float32, or
+      bfloat16 with reference_numerics).
     """
     graphdef, state = nnx.split(model)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -193,5 +205,6 @@ def generate_codes(
         cfg_mode=cfg_mode,
         return_logits=return_logits,
         vit_grid=None if vit_grid is None else tuple(int(v) for v in vit_grid),
+        reference_numerics=bool(reference_numerics),
     )
     return (codes, logits) if return_logits else codes

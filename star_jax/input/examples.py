@@ -163,8 +163,12 @@ class Prepare:
         )
 
     def vq_image(self, image: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] -> the VQ's input: float32 [S, S, 3] in [-1, 1] (S = vq_image_size)."""
-        return image_lib.to_unit_range(image_lib.resize_square(image, self.spec.vq_image_size, crop=True))
+        """uint8 [H, W, 3] -> the VQ's input: float32 [S, S, 3] in [-1, 1] (S = vq_image_size), the
+        centre square resized bilinearly (the reference's VQ input filter; training crops where the
+        reference's inference stretches an edit's source, so that a batch never holds distorted
+        targets)."""
+        square = image_lib.resize_square(image, self.spec.vq_image_size, crop=True, resample="bilinear")
+        return image_lib.to_unit_range(square)
 
     def target(self, out: dict, record: dict, image_field: str, codes_field: str, key: str = "") -> None:
         """Adds `<key>codes` [N] int32 (pretokenized) or `<key>images` [S, S, 3] float32 to `out`."""
@@ -177,7 +181,9 @@ class Prepare:
             out[f"{key}images"] = self.vq_image(self.image(record, image_field))
 
     def pixels(self, image: np.ndarray) -> np.ndarray:
-        """uint8 image -> ViT patches [P, 3 * temporal * patch**2] float32 at the fixed square size."""
+        """uint8 image -> ViT patches [P, 3 * temporal * patch**2] float32 at the fixed square size
+        `vit_image_size` (centre square): training batches need one static ViT grid, so training does
+        not use the aspect-keeping `smart_resize` that inference (`decode.runner.vit_inputs`) uses."""
         s = self.spec
         size = s.vit_image_size
         pixels, _ = vision_preprocess.preprocess(

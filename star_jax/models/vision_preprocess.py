@@ -17,8 +17,29 @@ from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MIN_PIXELS = 56 * 56
+MIN_PIXELS = 56 * 56  # the Qwen2.5-VL processor's bounds (understanding)
 MAX_PIXELS = 28 * 28 * 1280
+EDIT_MAX_PIXELS = 28 * 28 * 576  # the reference's bound for an edit's source image (576 ViT tokens)
+
+
+def pixel_bounds(data, *, editing: bool = False) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of the ViT input at inference from a config's `data` block:
+    `vit_min_pixels` and `vit_max_pixels` (understanding) or `vit_edit_max_pixels` (`editing`);
+    a key that is 0 or absent means `vit_image_size ** 2` (the fixed square the run trained at)."""
+    square = int(data.vit_image_size) ** 2
+    low = int(data.get("vit_min_pixels", 0) or 0) or square
+    high = int(data.get("vit_edit_max_pixels" if editing else "vit_max_pixels", 0) or 0) or square
+    return low, high
+
+
+def check_min_side(height: int, width: int, factor: int, *, name: str) -> None:
+    """Raises ValueError naming `name` when the image's shorter side is below one merged patch
+    (`factor` = patch * merge pixels): smart_resize would have to invent most of such an image."""
+    if min(height, width) < factor:
+        raise ValueError(
+            f"{name}: {width}x{height} pixels (width x height) is smaller than the ViT's minimum side of "
+            f"{factor} pixels (patch_size * spatial_merge_size)"
+        )
 
 
 def smart_resize(
