@@ -13,6 +13,11 @@ Layout of a stage directory:
 Restores are always to a target built from the *current* model and mesh, so a checkpoint saved
 on one mesh restores onto any other.
 
+Paths go through `etils.epath`, so a `gs://` workdir works wherever its filesystem does; local paths
+as before. In a multi-process run only process 0 writes config.json and DONE and removes what a
+failed start left (`distributed.is_writer`); every process takes part in the Orbax saves (each
+writes its own shards and its own Grain iterator state).
+
 Nothing half-written counts: a stage counts once a step under `ckpt/` is complete (Orbax renames
 it into place) and `config.json` exists; `has_checkpoint` / `discard_incomplete` let a writer
 remove what a failed start left (frozen params, an empty `ckpt/`), so a rerun starts clean.
@@ -25,16 +30,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
+
+from star_jax import distributed
 
 PyTree = dict
 
 # Orbax warnings that every read-only restore prints and that mean nothing to a user.
 _READ_NOISE = ("Given directory is read only", "Metadata file does not exist")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot resume (one line naming why)."""
 
 
 class _QuietReads(logging.Filter):
@@ -115,9 +127,9 @@ class StageCheckpoints:
         """read_only: for readers (inference, evaluation, a later stage): creates and deletes
         nothing. A writable manager deletes unfinished saves when it opens, which would remove
         the files of a save in flight in another process (a run still training)."""
-        self.dir = os.path.abspath(os.path.join(workdir, stage))
+        self.dir = str(stage_path(workdir, stage))
         if not read_only:
-            os.makedirs(self.dir, exist_ok=True)
+            epath.Path(self.dir).mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only else keep_last,  # what Orbax forces (with a warning) when read-only
             save_interval_steps=0 if read_only else 1,
@@ -127,13 +139,14 @@ class StageCheckpoints:
             cleanup_tmp_directories=not read_only,
             read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(os.path.join(self.dir, "ckpt"), options=options)
+        self.manager = ocp.CheckpointManager(epath.Path(self.dir) / "ckpt", options=options)
         self._pending_config = None
 
     # -- config and completion markers ---------------------------------------------------------
     def write_config(self, config) -> None:
-        """Writes `config` as the stage's config.json now (atomically)."""
-        _atomic_write(os.path.join(self.dir, "config.json"), config.to_json(indent=2))
+        """Writes `config` as the stage's config.json now (atomically; process 0 only)."""
+        if distributed.is_writer():
+            _atomic_write(epath.Path(self.dir) / "config.json", config.to_json(indent=2))
 
     def write_config_after_save(self, config) -> None:
         """Writes `config` as config.json right after the next `save` has completed (that save then
@@ -141,37 +154,38 @@ class StageCheckpoints:
         self._pending_config = config
 
     def mark_done(self, step: int) -> None:
-        """Writes the DONE marker (`{"step": step}`): the stage reached its last step."""
-        _atomic_write(os.path.join(self.dir, "DONE"), json.dumps({"step": step}))
+        """Writes the DONE marker (`{"step": step}`; process 0 only): the stage reached its last step."""
+        if distributed.is_writer():
+            _atomic_write(epath.Path(self.dir) / "DONE", json.dumps({"step": step}))
 
     def is_done(self) -> bool:
         """Whether the stage's DONE marker exists."""
-        return os.path.exists(os.path.join(self.dir, "DONE"))
+        return (epath.Path(self.dir) / "DONE").exists()
 
     # -- frozen params, once per stage ----------------------------------------------------------
     @property
     def frozen_dir(self) -> str:
         """`<stage>/frozen`, where the frozen params are saved once."""
-        return os.path.join(self.dir, "frozen")
+        return str(epath.Path(self.dir) / "frozen")
 
     def has_frozen(self) -> bool:
         """Whether a finished save of the frozen params exists."""
-        return os.path.exists(os.path.join(self.frozen_dir, "_CHECKPOINT_METADATA")) or os.path.exists(
-            os.path.join(self.frozen_dir, "_METADATA")
-        )
+        frozen = epath.Path(self.frozen_dir)
+        return (frozen / "_CHECKPOINT_METADATA").exists() or (frozen / "_METADATA").exists()
 
     def save_frozen(self, frozen: PyTree) -> None:
-        """Writes the frozen params once (synchronously; Orbax renames a temp dir into place)."""
+        """Writes the frozen params once (synchronously; Orbax renames a temp dir into place; every
+        process takes part)."""
         if self.has_frozen() or not jax.tree.leaves(frozen):
             return
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(self.frozen_dir, frozen, force=True)
+            ckptr.save(epath.Path(self.frozen_dir), frozen, force=True)
             ckptr.wait_until_finished()
 
     def restore_frozen(self, target: PyTree) -> PyTree:
         """The frozen params restored onto `target`'s shapes, dtypes and shardings."""
         with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(self.frozen_dir, abstract_like(target))
+            return ckptr.restore(epath.Path(self.frozen_dir), abstract_like(target))
 
     # -- training state ---------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -192,21 +206,37 @@ class StageCheckpoints:
 
     def restore(self, step: int, target: PyTree, data_iter=None) -> PyTree:
         """Restores the state at `step` onto `target`'s shapes and shardings; the data iterator in
-        place. A step saved without an iterator (an imported stage) leaves the iterator at its start."""
+        place. A step saved without an iterator (an imported stage) leaves the iterator at its start.
+        An iterator state written by another number of processes raises ResumeError (one line):
+        each process's position in its shard of the records has no counterpart in another split."""
         items = {"state": ocp.args.StandardRestore(abstract_like(target))}
-        has_data = os.path.isdir(os.path.join(str(self.manager.directory), str(step), "data"))
-        if data_iter is not None and has_data:
+        data_dir = epath.Path(self.manager.directory) / str(step) / "data"
+        if data_iter is not None and data_dir.is_dir():
+            own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+            if not (data_dir / own).exists():
+                written = sorted(p.name for p in data_dir.iterdir() if p.name.endswith(".json"))
+                counts = sorted({name.rsplit("-of-", 1)[-1].removesuffix(".json") for name in written})
+                raise ResumeError(
+                    f"{data_dir.parent} was written by {' / '.join(counts) or 'an unknown number of'} processes and "
+                    f"this run has {jax.process_count()}: resume with the same number of processes "
+                    "(JAX_NUM_PROCESSES / the slice) as the run that saved it"
+                )
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
     def read_state(self, step: int) -> PyTree:
-        """The saved training state at `step` as written (no target: for inspection and tools)."""
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        """The saved training state at `step` as host numpy arrays, whatever devices or processes wrote
+        it (no target: for inspection and tools)."""
+        path = epath.Path(self.manager.directory) / str(step) / "state"
+        with ocp.PyTreeCheckpointer() as ckptr:
+            saved = ckptr.metadata(path).item_metadata
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved)
+            return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
     def restore_params(self, step: int, targets: dict[str, object]) -> dict[str, object]:
         """Restores only the saved params whose flat paths are in `targets` (flat path -> array
         with the wanted sharding), reading nothing else. Used to start a stage from another's."""
-        path = os.path.join(str(self.manager.directory), str(step), "state")
+        path = str(epath.Path(self.manager.directory) / str(step) / "state")
         return _restore_subset(path, targets, prefix="params/")
 
     def restore_frozen_params(self, targets: dict[str, object]) -> dict[str, object]:
@@ -225,31 +255,39 @@ class StageCheckpoints:
 
 def is_stage_done(workdir: str, stage: str) -> bool:
     """Whether `stage` under `workdir` reached its last step (its DONE marker exists)."""
-    return os.path.exists(os.path.join(workdir, stage, "DONE"))
+    return (stage_path(workdir, stage) / "DONE").exists()
+
+
+def stage_path(workdir: str, stage: str) -> epath.Path:
+    """`workdir/<stage>` as an epath.Path: absolute for a local path, as given for a URL (gs://...)."""
+    root = str(workdir)
+    return epath.Path(root if "://" in root else os.path.abspath(root)) / stage
 
 
 def complete_steps(stage_dir: str) -> list[int]:
     """The steps under `stage_dir/ckpt/` that Orbax finished (renamed into place), ascending; reads
     only the directory listing (an unfinished save is a temporary directory with another name)."""
-    ckpt_dir = os.path.join(stage_dir, "ckpt")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = epath.Path(stage_dir) / "ckpt"
+    if not ckpt_dir.is_dir():
         return []
-    return sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit() and os.path.isdir(os.path.join(ckpt_dir, s)))
+    return sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def has_checkpoint(workdir: str, stage: str) -> bool:
     """Whether `workdir/<stage>` holds a complete checkpoint step (so it counts as a stage)."""
-    return bool(complete_steps(os.path.join(workdir, stage)))
+    return bool(complete_steps(str(stage_path(workdir, stage))))
 
 
 def discard_incomplete(workdir: str, stage: str) -> bool:
     """Removes `workdir/<stage>` when it holds no complete checkpoint step: what a failed start left
     (config.json, frozen/, an empty ckpt/, logs). A stage with a complete step is never touched.
-    Returns whether something was removed."""
-    stage_dir = os.path.join(workdir, stage)
-    if not os.path.isdir(stage_dir) or has_checkpoint(workdir, stage):
+    Returns whether something was (or, on a process other than 0, is being) removed: process 0
+    removes, every process returns the same answer."""
+    stage_dir = stage_path(workdir, stage)
+    if not stage_dir.is_dir() or has_checkpoint(workdir, stage):
         return False
-    shutil.rmtree(stage_dir)
+    if distributed.is_writer():
+        stage_dir.rmtree()
     return True
 
 
@@ -285,8 +323,7 @@ def _to_dict(tree) -> dict:
     return tree
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _atomic_write(path: epath.Path, text: str) -> None:
+    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)

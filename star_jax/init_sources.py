@@ -43,7 +43,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from star_jax import checkpointing, sharding, stages
+from star_jax import checkpointing, distributed, sharding, stages
 from star_jax.configs import validation
 from star_jax.convert import decoder_table, hf, hf_config, star_table, tensor_io, vision_table, vq_table
 from star_jax.convert.stage_reader import build_star
@@ -300,7 +300,8 @@ def weights_tokenizer(config, workdir: str, *, resuming: bool) -> str | None:
 def install_tokenizer(path: str, workdir: str) -> tuple[str, bool]:
     """Copies tokenizer.json `path` into `workdir` (as `tokenizer.json`, or `tokenizer-<hash>.json`
     when a different one is already there; nothing when it is already in place). Returns (the
-    absolute path in the workdir, whether a file was created)."""
+    absolute path in the workdir, whether a file was created). In a multi-process run only process
+    0 copies (the others get the same path; the trainer waits for process 0 before reading it)."""
     if os.path.dirname(os.path.abspath(path)) == os.path.abspath(workdir):
         return os.path.abspath(path), False
     dest = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
@@ -308,7 +309,7 @@ def install_tokenizer(path: str, workdir: str) -> tuple[str, bool]:
         with open(path, "rb") as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:10]
         dest = os.path.abspath(os.path.join(workdir, f"tokenizer-{digest}.json"))
-    if os.path.exists(dest):
+    if os.path.exists(dest) or not distributed.is_writer():
         return dest, False
     os.makedirs(workdir, exist_ok=True)
     tmp = f"{dest}.tmp-{os.getpid()}"

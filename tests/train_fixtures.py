@@ -2,6 +2,7 @@
 
 Also runnable as a script, so tests can train in a subprocess and kill it:
   python tests/train_fixtures.py WORKDIR NUM_STEPS [mesh ici, e.g. 2,2,2]
+(exits with distributed.PREEMPTED_EXIT_CODE after a SIGTERM save, as `star-jax train` does).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from star_jax import train
+from star_jax import checkpointing, distributed, train
 from star_jax.configs import star
 from star_jax.models import qwen2
 
@@ -40,7 +41,8 @@ def make_iterator(batch_size: int, seed: int = 0):
     def example(i):
         rng = np.random.default_rng(i)
         start, k = rng.integers(0, 200), rng.integers(1, 4)
-        return {"ids": ((start + k * np.arange(SEQ + 1)) % 256).astype(np.int32)}
+        # "index": which record a row is (the objective ignores it; tests check the data shards).
+        return {"ids": ((start + k * np.arange(SEQ + 1)) % 256).astype(np.int32), "index": np.int32(i)}
 
     def make(process_index: int, process_count: int):
         ds = grain.MapDataset.range(10_000).shuffle(seed=seed).map(example)
@@ -75,3 +77,5 @@ if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     cfg = config(steps, ici)
     train.train_and_evaluate(cfg, workdir, task(cfg))
+    if not checkpointing.is_stage_done(workdir, cfg.stage):  # a preemption save, as `star-jax train`
+        sys.exit(distributed.PREEMPTED_EXIT_CODE)

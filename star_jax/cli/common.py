@@ -3,7 +3,10 @@
 One flag system: absl flags, each command on its own `flags.FlagValues` (never the global one),
 parsed by `parse_flags`; `--config file.py:args` with `--config.a.b=v` overrides through `parse`;
 subcommands (`star-jax vq encode`, `star-jax eval qa`, `star-jax <command>`) through `dispatch`.
-One behaviour for all of them:
+Every command starts the distributed runtime right after its flags are parsed, before anything
+touches a device (`star_jax.distributed`): from `config.distributed` for commands with a config
+(`--config.distributed.mode=auto|explicit`), from `--distributed=off|auto|explicit` (default off)
+for the others. One behaviour for all of them:
 - `-h` / `--help` prints the usage line, the command's doc and its flags; exit 0;
 - an unknown or malformed flag, a missing required flag, a stray argument, an unknown subcommand,
   a `--config` file that does not exist or fails to load, or an override of a key the config does
@@ -30,12 +33,15 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import NoReturn
 
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+
+from star_jax import distributed
 
 HELP_ARGS = ("-h", "--help", "-help", "--helpfull")
 
@@ -150,12 +156,23 @@ def _override_error(fv: flags.FlagValues, argv: list[str], error: Exception) -> 
 
 
 def parse_flags(fv: flags.FlagValues, argv: list[str], doc: str | None = None) -> None:
-    """Parses `argv` (argv[0]: the program name, e.g. "star-jax vq encode") into `fv`.
+    """Parses `argv` (argv[0]: the program name, e.g. "star-jax vq encode") into `fv`, then starts
+    the distributed runtime (`start_distributed`).
 
     `-h` / `--help` prints the usage, `doc` and the flags, then exits 0; an unknown or malformed
-    flag, a missing required one or a positional argument exits 2 with one line naming it.
+    flag, a missing required one or a positional argument exits 2 with one line naming it; so does
+    a distributed start that cannot work (`distributed.DistributedError`).
     """
     prog = argv[0] if argv else "star-jax"
+    if "distributed" not in fv:
+        flags.DEFINE_enum(
+            "distributed",
+            "off",
+            distributed.MODES,
+            "multi-process start: off | auto (TPU pod, Slurm, Open MPI) | explicit (JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES, JAX_PROCESS_ID); with --config, config.distributed.mode",
+            flag_values=fv,
+        )
     if any(a in HELP_ARGS for a in argv[1:]):
         text = f"usage: {prog} [flags]\n\n"
         if doc:
@@ -168,6 +185,23 @@ def parse_flags(fv: flags.FlagValues, argv: list[str], doc: str | None = None) -
         usage_error(prog, str(e))
     if len(rest) > 1:
         usage_error(prog, f"unexpected argument {rest[1]!r} (flags are --name=value)")
+    start_distributed(prog, fv)
+
+
+def start_distributed(prog: str, fv: flags.FlagValues) -> None:
+    """`distributed.initialize` from `fv`: a `--config` with a `distributed` block gives the settings
+    (`--distributed`, when not off, overrides its mode); otherwise `--distributed` alone. A setting
+    that cannot work prints one line and exits 2."""
+    config = fv["config"].value if "config" in fv else None
+    try:
+        if isinstance(config, ml_collections.ConfigDict) and "distributed" in config:
+            if fv.distributed != "off":
+                config.distributed.mode = fv.distributed
+            distributed.initialize_from_config(config)
+        else:
+            distributed.initialize(fv.distributed)
+    except distributed.DistributedError as e:
+        raise SystemExit(error(prog, e)) from None
 
 
 def one_line(message: str) -> str:
@@ -330,7 +364,10 @@ def quiet_console():
 def log_to(path: str) -> str | None:
     """Appends the log (what `quiet_console` kept so far, then everything after) to `path`, creating
     its directory. Call once the command's inputs are checked, so that a refused command writes
-    nothing. Returns the path, or None when `quiet_console` is not installed or the file cannot be opened."""
+    nothing. Returns the path, or None when `quiet_console` is not installed or the file cannot be opened.
+    A URL (gs://...) is not a local file: the log goes to the same name under the temporary directory."""
+    if "://" in path:
+        path = os.path.join(tempfile.gettempdir(), "star_jax", path.split("://", 1)[1].lstrip("/"))
     for handler in logging.getLogger().handlers:
         if isinstance(handler, _LogFile):
             try:
