@@ -190,6 +190,18 @@ def test_processes_read_disjoint_shards_that_cover_the_data():
 # Corrupt-data fixture
 
 
+def test_two_processes_together_read_the_one_process_batches():
+    """Shuffle first, then deal: the local batches of step k of 2 processes hold exactly the rows
+    of the one-process batch k (so a run's data does not depend on its host count)."""
+    config = make_config(batch_size=8)
+    rows = lambda batch: sorted(map(bytes, np.asarray(batch["prompt_ids"])))  # noqa: E731
+    whole = take(pipeline.make_iterator(config), 3)
+    parts = [take(pipeline.make_iterator(config, process_index=i, process_count=2), 3) for i in range(2)]
+    for k in range(3):
+        assert rows(whole[k]) == sorted(rows(parts[0][k]) + rows(parts[1][k]))
+        assert len(parts[0][k]["prompt_ids"]) == 4
+
+
 def png(array) -> bytes:
     return records.encode_png(np.asarray(array, np.uint8))
 

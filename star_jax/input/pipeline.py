@@ -1,10 +1,11 @@
 """The whole input pipeline of a stage on Grain: `make_iterator(config, split=, process_index=,
 process_count=)` -> a checkpointable `bad_records.PipelineIterator` of process-local numpy batches.
 
-All seeded by `config.data.shuffle_seed`, so the same seed gives the same batches on any host count:
+All seeded by `config.data.shuffle_seed`, so the same seed gives the same global batches on any
+process count (the processes' local batches of a step together hold the rows of the one-process batch):
 
-  indices [0, n) -> this process's shard [process_index::process_count] -> shuffle(seed) (train split
-  only) -> repeat(num_epochs) -> read + validate + build (`examples.Prepare` with the stage's builder)
+  indices [0, n) -> shuffle(seed) (train split only) -> this process's share
+  [process_index::process_count] -> repeat(num_epochs) -> read + validate + build (`examples.Prepare` with the stage's builder)
   -> the stage's seeded random op (`stages.Stage.augment`) -> drop and count bad records (SkipBad)
   -> batch(batch_size // process_count) -> worker processes (config.data.num_workers)
   -> accounting in the main process (stats, log line, bad-fraction check)
@@ -44,9 +45,12 @@ def make_dataset(config, *, split: str = "train", process_index: int = 0, proces
         raise ValueError(f"process_index={process_index} outside [0, {process_count})")
     source, parser = sources.make_source(config, split, stage)
     seed = config.data.shuffle_seed
-    ds = grain.MapDataset.range(len(source))[process_index::process_count]
+    ds = grain.MapDataset.range(len(source))
     if split == "train":  # evaluation splits are read in order
         ds = ds.shuffle(seed=seed)
+    # Shuffle, then deal: process p takes every process_count-th index, so the union of the local
+    # batches of step k is the same global batch whatever the process count.
+    ds = ds[process_index::process_count]
     ds = ds.repeat(num_epochs).map(examples.Prepare(source, parser, spec, stage.example))
     if stage.augment is not None:
         ds = ds.random_map(stage.augment, seed=seed + 1)
