@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -95,13 +95,13 @@ def make_mesh(ici: Sequence[int] = (-1, 1, 1), dcn: Sequence[int] = (1, 1, 1), d
     """Builds a (data, fsdp, tensor) mesh with Auto axes from ICI/DCN sizes."""
     devices = jax.devices() if devices is None else list(devices)
     shape = resolve_mesh_shape(ici, dcn, len(devices))
+    # mesh_utils orders devices by the physical topology (TPU torus, slices over DCN), so that the
+    # inner mesh axes are neighbours on the interconnect; on CPU it is a plain reshape.
     if any(d != 1 for d in dcn) and len(devices) > 1 and hasattr(devices[0], "slice_index"):
-        from jax.experimental import mesh_utils
-
         ici_shape = tuple(s // d for s, d in zip(shape, dcn))
         device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, tuple(dcn), devices)
     else:
-        device_array = np.asarray(devices).reshape(shape)
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
