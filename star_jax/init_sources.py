@@ -31,16 +31,15 @@ No device ever holds more than its shard, and no whole model is built on one dev
 
 from __future__ import annotations
 
-import filecmp
 import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
+from etils import epath
 from flax import nnx
 
 from star_jax import checkpointing, distributed, sharding, stages
@@ -189,8 +188,7 @@ def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
     if not sep:
         return load_from_stage(model, workdir, source)
     if kind == "stage":
-        parent, name = os.path.split(os.path.normpath(path))
-        return load_from_stage(model, parent, name)
+        return load_from_stage(model, *split_stage_dir(path))
     if kind == "hf":
         return load_hf(model, path)
     if kind == "vq":
@@ -249,7 +247,7 @@ def _check_source(source: str, workdir: str, comps, decoder, vision_cfg, stage: 
     if not sep and source not in stages.names():
         raise SourceError(f"not a stage; known: {', '.join(stages.names())} (or stage:/hf:/vq:/star:)")
     if not sep or kind == "stage":
-        parent, name = (workdir, source) if not sep else os.path.split(os.path.normpath(path))
+        parent, name = (workdir, source) if not sep else split_stage_dir(path)
         if not checkpointing.has_checkpoint(parent, name):
             raise SourceError(
                 f"{os.path.join(parent, name)} holds no complete checkpoint; train or import that stage first"
@@ -265,18 +263,24 @@ def _check_source(source: str, workdir: str, comps, decoder, vision_cfg, stage: 
         raise SourceError("expected a stage name, 'stage:<dir>', 'hf:<dir>', 'vq:<file>' or 'star:<file>'")
 
 
+def split_stage_dir(path: str) -> tuple[str, str]:
+    """`stage:<dir>`'s (workdir, stage name): "/runs/a/generation" -> ("/runs/a", "generation");
+    URLs ("gs://bucket/run/generation") keep their scheme."""
+    p = epath.Path(path.rstrip("/"))
+    return str(p.parent), p.name
+
+
 def _saved_tokenizer(workdir: str, stage: str) -> str | None:
     """The non-builtin tokenizer a stage was saved with (its config.json), if it still exists."""
-    path = os.path.join(workdir, stage, "config.json")
-    if not os.path.exists(path):
+    path = epath.Path(workdir) / stage / "config.json"
+    if not path.exists():
         return None
-    with open(path) as f:
-        name = json.load(f).get("data", {}).get("tokenizer", "builtin")
+    name = json.loads(path.read_text()).get("data", {}).get("tokenizer", "builtin")
     if name in BUILTIN_TOKENIZERS:
         return None
-    if not os.path.exists(name):  # the workdir moved: its own copy
-        name = os.path.join(workdir, os.path.basename(name))
-    return name if os.path.exists(name) else None
+    if not epath.Path(name).exists():  # the workdir moved: its own copy
+        name = str(epath.Path(workdir) / epath.Path(name).name)
+    return name if epath.Path(name).exists() else None
 
 
 def weights_tokenizer(config, workdir: str, *, resuming: bool) -> str | None:
@@ -291,7 +295,7 @@ def weights_tokenizer(config, workdir: str, *, resuming: bool) -> str | None:
         if not sep:
             found = _saved_tokenizer(workdir, source) or found
         elif kind == "stage":
-            found = _saved_tokenizer(*os.path.split(os.path.normpath(path))) or found
+            found = _saved_tokenizer(*split_stage_dir(path)) or found
         elif kind == "hf" and os.path.isfile(os.path.join(path, "tokenizer.json")):
             found = os.path.join(path, "tokenizer.json")
     return found
@@ -302,20 +306,25 @@ def install_tokenizer(path: str, workdir: str) -> tuple[str, bool]:
     when a different one is already there; nothing when it is already in place). Returns (the
     absolute path in the workdir, whether a file was created). In a multi-process run only process
     0 copies (the others get the same path; the trainer waits for process 0 before reading it)."""
-    if os.path.dirname(os.path.abspath(path)) == os.path.abspath(workdir):
-        return os.path.abspath(path), False
-    dest = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
-    if os.path.exists(dest) and not filecmp.cmp(path, dest, shallow=False):
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()[:10]
-        dest = os.path.abspath(os.path.join(workdir, f"tokenizer-{digest}.json"))
-    if os.path.exists(dest) or not distributed.is_writer():
-        return dest, False
-    os.makedirs(workdir, exist_ok=True)
-    tmp = f"{dest}.tmp-{os.getpid()}"
-    shutil.copyfile(path, tmp)
-    os.replace(tmp, dest)
-    return dest, True
+    src, root = _absolute(path), _absolute(workdir)
+    if src.parent == root:
+        return str(src), False
+    data = src.read_bytes()
+    dest = root / "tokenizer.json"
+    if dest.exists() and dest.read_bytes() != data:
+        dest = root / f"tokenizer-{hashlib.sha256(data).hexdigest()[:10]}.json"
+    if dest.exists() or not distributed.is_writer():
+        return str(dest), False
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f"{dest.name}.tmp-{os.getpid()}"
+    tmp.write_bytes(data)
+    tmp.rename(dest)
+    return str(dest), True
+
+
+def _absolute(path: str) -> epath.Path:
+    """`path` as an epath.Path, made absolute when it is local (URLs are absolute already)."""
+    return epath.Path(path if "://" in path else os.path.abspath(path))
 
 
 def _hf_special_ids(path: str) -> dict[str, int]:
@@ -399,7 +408,7 @@ def prepare(config, workdir: str) -> tuple[object, list[str]]:
         check_tokenizer(config, hf_dirs)
     except ValueError:
         for path in created:
-            os.remove(path)
+            epath.Path(path).unlink(missing_ok=True)
         raise
     return config, created
 
@@ -409,14 +418,13 @@ def prepare(config, workdir: str) -> tuple[object, list[str]]:
 
 def read_stage_config(workdir: str, stage: str) -> ml_collections.ConfigDict:
     """The config saved in `workdir/<stage>/config.json`."""
-    with open(os.path.join(workdir, stage, "config.json")) as f:
-        return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.loads((epath.Path(workdir) / stage / "config.json").read_text()))
 
 
 def first_trained_stage(workdir: str, stages: Sequence[str]) -> tuple[str, ml_collections.ConfigDict] | None:
     """(name, saved config) of the first of `stages` under `workdir` with a config.json and a checkpoint, or None."""
     for name in stages:
-        if not os.path.exists(os.path.join(workdir, name, "config.json")):
+        if not (epath.Path(workdir) / name / "config.json").exists():
             continue
         ckpts = checkpointing.StageCheckpoints(workdir, name, read_only=True)
         try:
@@ -437,14 +445,14 @@ def load_workdir(workdir: str, stages: Sequence[str]) -> tuple[star.Star, ml_col
     Raises:
       WorkdirError naming the workdir when it does not exist or holds none of `stages`.
     """
-    if not os.path.isdir(workdir):
+    if not epath.Path(workdir).is_dir():
         raise WorkdirError(f"--workdir {workdir!r} does not exist")
     stages = tuple(stages)
     found = first_trained_stage(workdir, stages)
     if found is None:
         raise WorkdirError(f"--workdir {workdir!r} has no trained {' or '.join(stages)} checkpoint")
     name, config = found
-    if config.data.tokenizer not in BUILTIN_TOKENIZERS and not os.path.exists(config.data.tokenizer):
+    if config.data.tokenizer not in BUILTIN_TOKENIZERS and not epath.Path(config.data.tokenizer).exists():
         config.data.tokenizer = _saved_tokenizer(workdir, name) or config.data.tokenizer  # a moved workdir
     mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_RULES
     model = sharding.create_sharded(lambda: build_star(config, name, rngs=nnx.Rngs(0)), mesh, rules)

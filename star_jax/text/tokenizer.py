@@ -12,8 +12,9 @@ a newline is a token of its own, so Qwen's chat template ends in
 
 from __future__ import annotations
 
-import os
 import re
+
+from etils import epath
 
 QWEN_SPECIALS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -154,12 +155,13 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer: no tokenizer.json at {path!r}")
-        self.path = path
-        self._tok = Tokenizer.from_file(path)
+        file = epath.Path(path)  # a local path or a bucket URL (a workdir's own copy)
+        if file.is_dir():
+            file = file / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer: no tokenizer.json at {str(file)!r}")
+        self.path = str(file)
+        self._tok = Tokenizer.from_str(file.read_text())
 
     @property
     def vocab_size(self) -> int:
