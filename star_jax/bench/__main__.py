@@ -15,6 +15,10 @@ BENCHES: common.Subcommands = {
     ),
     "data": ("star_jax.bench.data", "build a shapes-world dataset, stream it through the generation pipeline"),
     "generate": ("star_jax.bench.generate", "text-to-image images/s: compiled CFG loop vs the PyTorch reference"),
+    "train": (
+        "star_jax.bench.train",
+        "generation-stage training step tokens/s: the trainer's jitted step vs PyTorch + transformers",
+    ),
     "vision": ("star_jax.bench.vision", "vision tower forward + backward images/s, per-frame vs masked block"),
     "convert": ("star_jax.bench.convert", "export / import time and peak host memory for a STAR size"),
 }
