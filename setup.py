@@ -26,7 +26,11 @@ EXTRAS = {
     # Import / export / parity only. torch is pinned: an unpinned torch pulls a multi-GB CUDA build.
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "tensorboard": ["tensorflow-cpu", "tensorboard"],
+    # Running on TPU VMs: jax's own TPU extra (it pins the libtpu matching jax).
     "tpu": ["jax[tpu]==0.10.2"],
+    # `star-jax aot` on any machine: the libtpu wheel jax 0.10.2 was built against (jax[tpu]
+    # pins the same), which gives compile-only TPU devices without a TPU.
+    "aot": ["libtpu==0.0.42.*"],
     "test": ["pytest", "pytest-xdist", "pytest-timeout", "ruff"],
 }
 EXTRAS["dev"] = EXTRAS["torch"] + EXTRAS["test"]

@@ -95,6 +95,16 @@ SIZES = {
         vq=_vq(64, 128, (1,), 64, 1024, 32, res_blocks=2, heads=4, groups=32, patch=8)
         | {"usage_window": 16384, "local_encoder": True, "local_context": 1},
     ),
+    # The CPU scaling ladder's fixed base (configs/sweeps/cpu_ladder.py): a 2-layer decoder at width
+    # 128 and a 2-block ViT, trained once and frozen, with the shapes VQ. The sweep varies the stack's
+    # depth (its width must equal the base's), so every point shares one base, one VQ and one code set.
+    "cpu_ladder": dict(
+        decoder=_decoder(128, 2, 4, 2, 384, SHAPES_VOCAB, tie=True),
+        vision=_vision(2, 64, 2, 192, 128, patch=8, window=32, fullatt=(1,)),
+        star=dict(stack_layers=2, adapter_depth=2),
+        vq=_vq(64, 128, (1,), 64, 1024, 32, res_blocks=2, heads=4, groups=32, patch=8)
+        | {"usage_window": 16384, "local_encoder": True, "local_context": 1},
+    ),
     # Scaling ladder for sweeps: the stack grows with the base; Qwen tokenizer vocabulary.
     "ladder_xs": dict(
         decoder=_decoder(256, 8, 4, 2, 768, QWEN_VOCAB_3B, tie=True),

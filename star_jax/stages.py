@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import importlib
 import logging
+import re
 from collections.abc import Callable
 
 from flax import nnx
@@ -166,21 +167,59 @@ def _vq_post_update(config):
     )
 
 
+def _part_mode(config, part: str, *, upstream_trains: bool = False) -> str:
+    """The FLOP mode (`flops.MODES`) of model part `part`: train when a `config.train.trainable`
+    regex matches its params, backprop when frozen but a trainable part feeds it, else forward."""
+    if any(re.search(p, f"{part}/") for p in config.train.trainable):
+        return "train"
+    return "backprop" if upstream_trains else "forward"
+
+
+def _vit_flops(config) -> float:
+    """The ViT on one image of `data.vit_image_size` (3x when the ViT trains)."""
+    fwd = flops.vision_forward_flops(config.model.vision, config.data.vit_image_size)
+    return fwd * (3.0 if _part_mode(config, "vision") == "train" else 1.0)
+
+
 def _understanding_flops(config) -> float:
-    """3x the base's forward over the prompt (frozen layers still backpropagate activations)."""
+    """The base over the prompt (ViT tokens included) and its LM head, plus the ViT: 3x forward
+    for what trains, the forward alone for what is frozen (nothing trainable feeds the base here)."""
     cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
-    return flops.train_step_flops(flops.decoder_forward_flops(cfg, 1, config.data.max_prompt_len))
+    seq = config.data.max_prompt_len
+    vit_trains = _part_mode(config, "vision") == "train"
+    mode = _part_mode(config, "base", upstream_trains=vit_trains)
+    total = flops.decoder_pass_flops(cfg, seq, cfg.num_layers, mode)
+    total += flops.dense_flops(seq, cfg.hidden_size, cfg.vocab_size, mode)
+    return total + _vit_flops(config)
 
 
 def _image_token_flops(config) -> float:
-    """3x (base + stack forward over prompt and image tokens + the image head)."""
+    """What a generation / editing step computes per example (`flops` module docstring): the VQ
+    encoder forward on each image unless pre-tokenised, the ViT forward (editing), the base over
+    the prompt and the first N - 1 image tokens with gradients w.r.t. activations only (the frozen
+    base carries the adapter's gradient), the stack trained over the same tokens, the pixel
+    adapter on the image tokens and the image head on the N predicted positions."""
     cfg = qwen2.DecoderConfig.from_dict(config.model.decoder)
+    record = for_config(config)
     n_img = num_image_tokens(config)
-    seq = config.data.max_prompt_len + n_img
-    fwd = flops.decoder_forward_flops(cfg, 1, seq, head=False)
-    fwd += flops.decoder_forward_flops(cfg, 1, seq, num_layers=config.model.star.stack_layers, head=False)
-    fwd += 2.0 * n_img * cfg.hidden_size * config.model.vq.codebook_size
-    return flops.train_step_flops(fwd)
+    seq = config.data.max_prompt_len + n_img - 1
+    adapter_mode = _part_mode(config, "pixel_adapter")
+    total = 0.0
+    if not config.data.get("pretokenized", False):
+        images = 2 if record.reads == "edits" else 1
+        total += images * flops.vq_encoder_flops(config.model.vq)
+    if record.uses_vit:
+        total += _vit_flops(config)
+    total += flops.decoder_pass_flops(
+        cfg, seq, cfg.num_layers, _part_mode(config, "base", upstream_trains=adapter_mode == "train")
+    )
+    total += flops.decoder_pass_flops(cfg, seq, config.model.star.stack_layers, _part_mode(config, "stacked_ar"))
+    adapted = n_img - 1 + (n_img if record.reads == "edits" else 0)  # the source image's codes too
+    d, depth = cfg.hidden_size, config.model.star.adapter_depth
+    total += flops.dense_flops(adapted, config.model.vq.codebook_dim, d, adapter_mode)
+    total += (depth - 1) * flops.dense_flops(adapted, d, d, adapter_mode)
+    total += flops.dense_flops(n_img, d, config.model.vq.codebook_size, _part_mode(config, "image_head"))
+    return total
 
 
 STACK_PARTS = (r"^stacked_ar/", r"^pixel_adapter/", r"^image_head/")

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from star_jax import init_sources, main, records, sequences
 from star_jax.cli import common
@@ -232,3 +233,52 @@ def test_library_noise_goes_to_the_log_file_not_the_console(tmp_path, capsys):
     for line in ("Finished waiting", "NVIDIA", "skipped record 3", "a real Orbax error", "restored step 20"):
         assert line in text
     assert common.log_to(str(tmp_path / "later.log")) is None  # restored: no log file outside a command
+
+
+# -- images an edit / understand command cannot read (before any model loads) --------------------------
+
+
+@pytest.mark.parametrize(
+    "command", [["edit", "--instruction=make it red", "--out=OUT"], ["understand", "--question=q"]]
+)
+def test_an_image_without_a_defined_8_bit_meaning_is_one_line(tmp_path, capsys, command):
+    """A 32-bit float image has no range to map to RGB: refused naming the file (16-bit, grey, palette
+    and CMYK images are converted to 8-bit RGB, as the Qwen2.5-VL processor does)."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64), mode="F").save(path)
+    argv = [a.replace("OUT", str(workdir / "out")) for a in command]
+    code, err = run([*argv, f"--image={path}", f"--workdir={workdir}"], capsys)
+    assert_one_line(code, err, str(path), "32-bit float")
+    assert os.listdir(workdir) == []
+
+
+# -- eval shapes control rows --------------------------------------------------------------------------
+
+
+def test_eval_shapes_control_workdir_that_does_not_exist_is_one_line(tmp_path, capsys):
+    """`--workdir` names the run whose VQ and untrained stack give the control rows: checked first."""
+    code, err = run(
+        [
+            "eval",
+            "shapes",
+            f"--images={tmp_path}",
+            f"--workdir={tmp_path / 'missing'}",
+            "--write_gt=1",
+            f"--out={tmp_path / 'gt'}",
+        ],
+        capsys,
+    )
+    assert_one_line(code, err, "--workdir", "missing")
+    assert not (tmp_path / "gt").exists()
+
+
+def test_a_released_star_pt_without_allow_pickle_is_one_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "STAR-3B.pt"
+    torch.save({"state_dict": {"pixel_output_head.bias": torch.zeros(2, dtype=torch.bfloat16)}}, path)
+    args = ["import", "--config=configs/star.py:size=tiny,stage=generation", f"--workdir={tmp_path / 'w'}"]
+    code, err = run([*args, f"--star={path}"], capsys)
+    assert_one_line(code, err, "STAR-3B.pt", "--allow_pickle")
+    assert not (tmp_path / "w" / "generation").exists()

@@ -100,15 +100,19 @@ def test_wrong_shape_is_named(release):
 
 
 def test_wrong_dtype_is_named_unless_cast(release):
+    """A narrowing dtype needs cast; a widening one (bf16 / f16 -> f32) loads as it is."""
     _, config, model, tensors = release
     bad = dict(tensors)
     name = "llm.model.layers.2.self_attn.k_proj.weight"
-    bad[name] = bad[name].astype(np.float16)
-    with pytest.raises(CheckpointError, match=rf"wrong dtype \(1\): {name}: expected float32, found float16"):
+    bad[name] = bad[name].astype(np.float64) + 1e-12  # float32 cannot hold these values
+    with pytest.raises(CheckpointError, match=rf"wrong dtype \(1\): {name}: expected float32, found float64"):
         _load(config, bad)
     cast = _load(config, bad, cast=True)
     k = np.asarray(cast.base.stack.layers.attn.k_kernel[...])[2]  # [D, ...] (in, out)
     np.testing.assert_array_equal(k.reshape(k.shape[0], -1).T, bad[name].astype(np.float32))
+    bad[name] = tensors[name].astype(np.float16)
+    widened = np.asarray(_load(config, bad).base.stack.layers.attn.k_kernel[...])[2]
+    np.testing.assert_array_equal(widened.reshape(widened.shape[0], -1).T, bad[name].astype(np.float32))
 
 
 def test_truncated_file_is_named(release, tmp_path):

@@ -115,6 +115,10 @@ def test_report_written(demo):
         assert v["cond"] > 0 and v["uncond"] > 0 and v["gain"] == pytest.approx(v["uncond"] - v["cond"])
     text = open(os.path.join(workdir, "report.md")).read()
     assert "before the editing stage" in text and "keep their code" in text and "What the caption is worth" in text
+    assert set(numbers["controls"]) == {"untrained_stack", "random_codes", "fragments"}
+    for name, summary in numbers["controls"].items():  # the scorer passes none of them
+        assert summary["overall"] <= 0.05 and summary["images"] == 12, name
+    assert "Controls (ShapeEval overall on the same prompts; each must be <= 0.05, passes)" in text
 
 
 def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
@@ -122,7 +126,8 @@ def test_vq_only_pipeline_reports_the_tokenizer(tmp_path):
     config.pipeline.stages = ("vq",)
     report = pipeline.run(config, str(tmp_path))
     numbers = json.load(open(tmp_path / "report.json"))
-    assert set(numbers) == {"vq_ceiling", "stage_wall_s", "total_wall_s", "base_trained_in"}
+    assert set(numbers) == {"vq_ceiling", "controls", "stage_wall_s", "total_wall_s", "base_trained_in"}
+    assert set(numbers["controls"]) == {"random_codes", "fragments"}
     assert (
         numbers["vq_ceiling"]["psnr"] == pytest.approx(report["vq_ceiling"]["psnr"])
         and report["vq_ceiling"]["psnr"] > 5

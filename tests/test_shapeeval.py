@@ -180,6 +180,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert eval_cli.main(["star-jax eval", "shapes", "--images", str(out), "--results", str(results)]) == 0
     printed = capsys.readouterr().out
     assert "Total images: 30" in printed and "Overall score (avg. over tasks): 1.00000" in printed
+    assert "Controls (must be <= 0.05)" in printed and "scattered palette fragments  = 0.00000 (30 images)" in printed
     assert len(results.read_text().splitlines()) == 30
 
     # GenEval's layout, with one wrong image in a prompt folder of two.
@@ -343,3 +344,109 @@ def test_understanding_scores_the_final_answer_of_a_reasoned_reply():
 
 def _shift_first_x(reply: str, by: int) -> str:
     return re.sub(r"^\((\d)", lambda m: f"({(int(m.group(1)) + by) % 10}", reply)
+
+
+# -- clean scenes and controls ---------------------------------------------------------------------
+
+
+def _scene(*objs):
+    return shapes.Scene(tuple(shapes.Obj(*o) for o in objs))
+
+
+def test_what_is_not_a_clean_scene_fails_every_prompt():
+    """Unexplained foreground, fragments, off-palette colours and shapes that fit no template."""
+    scene = _scene(("circle", "red", 0.3, 0.3, 0.25), ("square", "blue", 0.7, 0.7, 0.25))
+    meta = {"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}]}
+    clean = shapes.render(scene, 64)
+    assert shapes.evaluate_image(clean, meta) == (True, "")
+    specks = clean.copy()  # too small to be objects, too many to ignore: 48 solid pixels
+    for y, x in ((5, 50), (10, 56), (50, 6), (56, 20), (40, 40), (20, 50)):
+        specks[y : y + 2, x : x + 4] = shapes.COLORS["yellow"]
+    ok, reason = shapes.evaluate_image(specks, meta)
+    assert not ok and "foreground outside the objects" in reason
+    off_palette = clean.copy()
+    off_palette[(clean == shapes.COLORS["red"]).all(-1)] = (160, 70, 70)  # between red, brown and pink
+    ok, reason = shapes.evaluate_image(off_palette, meta)
+    assert not ok and "is no palette colour" in reason
+    blob = clean.copy()
+    blob[40:60, 4:8] = shapes.COLORS["green"]  # an L: fits no shape
+    blob[56:60, 4:24] = shapes.COLORS["green"]
+    ok, reason = shapes.evaluate_image(blob, meta)
+    assert not ok and "fits no shape" in reason
+    small = shapes.render(_scene(("circle", "red", 0.3, 0.3, 0.1), ("square", "blue", 0.7, 0.7, 0.25)), 64)
+    ok, reason = shapes.evaluate_image(small, meta)
+    assert not ok and "circle of side" in reason
+    assert shapes.shapeeval.analyse(clean).clean and len(shapes.shapeeval.analyse(clean).objects) == 2
+
+
+def _patch_codebook(size: int = 8, codes: int = 1024) -> np.ndarray:
+    """A stand-in VQ decoder's codebook: `codes` distinct size x size cells of validation renders,
+    object pieces and edges first (what a trained tokenizer's codes draw)."""
+    cells = []
+    for i in range(200):
+        image = shapes.make_example("validation", i, "pair")["image"]
+        cells += list(image.reshape(64 // size, size, 64 // size, size, 3).swapaxes(1, 2).reshape(-1, size, size, 3))
+    cells = np.unique(np.stack(cells), axis=0)
+    plain = (cells == cells[:, :1, :1]).all(axis=(1, 2, 3))
+    return np.concatenate([cells[~plain], cells[plain]])[:codes]
+
+
+def test_controls_score_zero_while_ground_truth_scores_one():
+    from star_jax.eval import shapes_world
+
+    _, metas = shapes_world.generation_prompts(per_task=10)
+    truth = np.stack(
+        [
+            shapes.make_example("validation", i, "pair", tag=m["tag"])["image"]
+            for i, m in zip(list(range(10)) * 6, metas)
+        ]
+    )
+    assert shapes_world.score(truth, metas)["summary"]["overall"] >= 0.99
+    fragments = shapes_world.score(shapes_world.fragment_images(len(metas), 64, seed=3), metas)
+    assert fragments["summary"]["overall"] <= shapes_world.CONTROL_LIMIT
+    codebook = _patch_codebook()
+
+    def decode(codes):  # [n, 64] -> [n, 64, 64, 3], each code its cell, smoothed like a decoder's output
+        cells = codebook[codes].reshape(-1, 8, 8, 8, 8, 3).swapaxes(2, 3).reshape(-1, 64, 64, 3)
+        return np.stack([np.asarray(Image.fromarray(c).filter(ImageFilter.GaussianBlur(0.7))) for c in cells])
+
+    codes = shapes_world.random_code_images(decode, len(codebook), 64, len(metas), seed=0)
+    assert shapes_world.score(codes, metas)["summary"]["overall"] <= shapes_world.CONTROL_LIMIT
+
+
+def test_controls_of_an_untrained_tiny_stack():
+    """`shapes_world.controls` on a random `tiny` STAR at the shapes size (64 px, 8 x 8 codes): its
+    untrained stack is the generation stage's start, and every control stays <= CONTROL_LIMIT."""
+    from test_export import random_model
+
+    from star_jax.configs import star as star_config
+    from star_jax.decode.runner import StarRunner
+    from star_jax.eval import shapes_world
+
+    config = star_config.get_config("size=tiny,stage=generation")
+    config.model.vq.update(image_size=64, patch_size=8, ch_mult=(1,), local_encoder=True, local_context=1)
+    config.data.max_prompt_len = 40
+    model = random_model(config, seed=5)
+    runner = StarRunner(model, config)
+    fresh = shapes_world.untrained_stack(runner).model
+    value = lambda m, path: np.asarray(nnx_get(m, path))
+    n = config.model.star.stack_layers
+    up = "stacked_ar.layers.mlp.up.kernel"
+    np.testing.assert_array_equal(value(fresh, up), value(model, "base.stack.layers.mlp.up.kernel")[-n:])
+    assert not np.array_equal(value(fresh, up), value(model, up))  # the trained model is left as it was
+    assert not np.array_equal(value(fresh, "image_head.kernel"), value(model, "image_head.kernel"))
+    np.testing.assert_array_equal(value(fresh, "vq.quantize.embedding"), value(model, "vq.quantize.embedding"))
+    out = shapes_world.controls(runner, per_task=1, cfg=20.0)
+    assert set(out) == {"untrained_stack", "random_codes", "fragments"}
+    for name, control in out.items():
+        assert control["summary"]["images"] == 6, name
+        assert control["summary"]["overall"] <= shapes_world.CONTROL_LIMIT, (name, control["table"])
+    vq_only = shapes_world.vq_controls(model.vq, per_task=1)
+    assert vq_only["random_codes"]["summary"]["overall"] <= shapes_world.CONTROL_LIMIT
+
+
+def nnx_get(module, path: str):
+    """The value of the variable at dotted `path` under `module`."""
+    for name in path.split("."):
+        module = getattr(module, name)
+    return module[...]

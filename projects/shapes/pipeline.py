@@ -91,6 +91,7 @@ def run(config, workdir: str) -> dict:
         vq_model = _evaluate_stack(config, workdir, report)
     elif "vq" in config.pipeline.stages:  # a tokenizer-only run
         vq_model = init_sources.load_workdir(workdir, ("vq",))[0].vq
+        report["controls"] = shapes_world.vq_controls(vq_model, per_task=ev.per_task, seed=ev.seed)
     else:  # a base-only run (vision, understanding): its QA against the control
         vq_model = None
         if "understanding_before" in report:
@@ -124,6 +125,7 @@ def _evaluate_stack(config, workdir: str, report: dict):
     star = _runner(workdir, ("editing", "generation"))
     sampling = dict(cfg=ev.cfg, top_k=ev.top_k, top_p=ev.top_p, temperature=ev.temperature)
     report["generation"] = shapes_world.generation(star, per_task=ev.per_task, seed=ev.seed, **sampling)
+    report["controls"] = shapes_world.controls(star, per_task=ev.per_task, seed=ev.seed, **sampling)
     if "understanding_before" in report:
         report["understanding_after"] = shapes_world.understanding(star, num=ev.qa, seed=ev.seed)
         report["understanding_shuffled"] = shapes_world.understanding(
@@ -145,11 +147,32 @@ def _evaluate_stack(config, workdir: str, report: dict):
     return star.model.vq
 
 
+CONTROL_TITLES = {
+    "untrained_stack": "an untrained stack (the generation stage's start: stack copied from the base, "
+    "adapter and head fresh)",
+    "random_codes": "VQ decodes of uniformly random codes",
+    "fragments": "scattered palette-coloured fragments",
+}
+
+
+def control_line(controls: dict) -> str:
+    """The report's control row: ShapeEval overall of each control, against its limit."""
+    parts = [f"{CONTROL_TITLES[k]} **{v['summary']['overall']:.3f}**" for k, v in controls.items()]
+    worst = max(v["summary"]["overall"] for v in controls.values())
+    verdict = "passes" if worst <= shapes_world.CONTROL_LIMIT else "FAILS: the scorer passes noise"
+    return (
+        f"Controls (ShapeEval overall on the same prompts; each must be <= {shapes_world.CONTROL_LIMIT}, "
+        f"{verdict}): " + "; ".join(parts) + "."
+    )
+
+
 def write_report(workdir: str, r: dict) -> None:
     """report.md (tables) + report.json (numbers) + samples.png."""
     lines = ["# STAR on the shapes world", ""]
     if "generation" in r:
         lines += ["## Generation (ShapeEval, GenEval's six tasks)", "", "```", r["generation"]["table"], "```", ""]
+    if "controls" in r:
+        lines += [control_line(r["controls"]), ""]
     if "generation_before_editing" in r:
         tasks_before = r["generation_before_editing"]["summary"]["tasks"]
         lines += [
@@ -181,6 +204,8 @@ def write_report(workdir: str, r: dict) -> None:
             f"({r['vq_ceiling']['edit_unchanged_cells']:.3f} of all) keep their code",
             "",
         ]
+    if "controls" in r and "generation" not in r:
+        lines += [control_line(r["controls"]), ""]
     if "understanding_before" in r and "understanding_shuffled" in r:
         trained_in = r.get("base_trained_in", ())
         titles = {"before": "after understanding stage", "after": "after all stages"}
@@ -229,6 +254,8 @@ def write_report(workdir: str, r: dict) -> None:
     for key in ("generation", "generation_before_editing"):
         if key in r:
             numbers[key] = r[key]["summary"]
+    if "controls" in r:
+        numbers["controls"] = {k: v["summary"] for k, v in r["controls"].items()}
     if "caption_information" in r:
         numbers["caption_information"] = r["caption_information"]
     for key in ("understanding_before", "understanding_after", "understanding_shuffled", "editing"):

@@ -1,7 +1,7 @@
 """`star-jax eval shapes`: score a folder of shapes-world images with ShapeEval and print GenEval's table.
 `star-jax eval qa`: shapes-world QA accuracy per question type of a trained base, with its control.
 
-  star-jax eval shapes --images DIR [--metadata FILE] [--results FILE]
+  star-jax eval shapes --images DIR [--metadata FILE] [--results FILE] [--workdir W] [--controls 48]
   star-jax eval shapes --write_gt N --out DIR [--resolution 64] [--split validation] [--seed 0]
   star-jax eval qa --workdir W [--stage understanding] [--num 480] [--split validation] [--seed 0]
 
@@ -13,6 +13,12 @@ Folder layouts read:
   metadata object per line; its "filename" names the image (default: the line number, `00000.png`);
 - GenEval's: DIR/<00000>/metadata.jsonl (one object) with the images in DIR/<00000>/samples/*.png.
 `--write_gt` renders N ground-truth images per GenEval task in the flat layout, to demonstrate.
+
+Every `eval shapes` table ends with control rows, ShapeEval of images that must fail, scored against
+the first `--controls` metadata of the folder: scattered palette-coloured fragments at the images'
+size, and, with `--workdir W` (a run with a generation or editing stage), VQ decodes of uniformly
+random codes through W's VQ and the samples of W's stack untrained (its generation stage's start),
+drawn at `--cfg`. A control above 0.05 means the scores cannot be trusted.
 """
 
 from __future__ import annotations
@@ -101,6 +107,41 @@ def write_ground_truth(out: str, per_task: int, *, resolution: int = 64, split: 
                 Image.fromarray(ex["image"]).save(os.path.join(out, name))
                 f.write(json.dumps({**ex["metadata"], "filename": name}) + "\n")
     return per_task * len(shapes.GENEVAL_TAGS)
+
+
+def control_rows(
+    items: list[tuple[str, dict]], *, num: int, resolution: int, workdir: str | None, cfg: float, seed: int = 0
+) -> dict[str, dict]:
+    """ShapeEval summaries of the controls (module docstring) on the metadata of the first `num`
+    items: {"fragments", and with `workdir` "random_codes", "untrained_stack"} -> summarize(...)."""
+    metas = [{k: v for k, v in meta.items() if k != "filename"} for _, meta in items[:num]]
+    out = {"fragments": shapes_world.score(shapes_world.fragment_images(len(metas), resolution, seed), metas)}
+    if workdir is not None:
+        runner = runner_lib.StarRunner(*init_sources.load_workdir(workdir, ("editing", "generation"))[:2])
+        decode, size = runner.decode_codes, runner.model.vq_cfg.codebook_size
+        codes = shapes_world.random_code_images(decode, size, runner.num_tokens, len(metas), seed)
+        out["random_codes"] = shapes_world.score(codes, metas)
+        fresh = shapes_world.untrained_stack(runner, seed)
+        prompts = [m.get("prompt", "") for m in metas]
+        images = np.concatenate(
+            [fresh.text_to_image(prompts[i : i + 16], cfg=cfg, seed=seed + i)[0] for i in range(0, len(prompts), 16)]
+        )
+        out["untrained_stack"] = shapes_world.score(images, metas)
+    return {k: v["summary"] for k, v in out.items()}
+
+
+def format_controls(controls: dict[str, dict]) -> str:
+    """The control rows printed under GenEval's table."""
+    titles = {
+        "fragments": "scattered palette fragments",
+        "random_codes": "VQ decodes of random codes",
+        "untrained_stack": "untrained stack's samples",
+    }
+    lines = ["", f"Controls (must be <= {shapes_world.CONTROL_LIMIT})", "========"]
+    for key, summary in controls.items():
+        flag = "" if summary["overall"] <= shapes_world.CONTROL_LIMIT else "  <- the scorer passes noise"
+        lines.append(f"{titles[key]:<28} = {summary['overall']:.5f} ({summary['images']} images){flag}")
+    return "\n".join(lines)
 
 
 def question_answering(workdir: str, *, stage: str, num: int, split: str, seed: int) -> dict:
@@ -210,8 +251,13 @@ def _shapes_main(argv: list[str]) -> int:
     flags.DEFINE_integer("resolution", 64, "image side of --write_gt", flag_values=fv)
     flags.DEFINE_string("split", "validation", "shapes-world split of --write_gt", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "seed of --write_gt", flag_values=fv)
+    flags.DEFINE_integer("controls", 48, "images per control row (0: none)", lower_bound=0, flag_values=fv)
+    flags.DEFINE_string("workdir", None, "a run whose VQ and stack give the model control rows", flag_values=fv)
+    flags.DEFINE_float("cfg", 20.0, "guidance of the untrained-stack control", flag_values=fv)
     common.parse_flags(fv, argv, __doc__)
     prog = argv[0]
+    if fv.workdir is not None and not os.path.isdir(fv.workdir):
+        return common.error(prog, f"--workdir {fv.workdir!r} does not exist")
     if fv.write_gt:
         if not fv.out:
             common.usage_error(prog, "--write_gt needs --out DIR")
@@ -223,12 +269,19 @@ def _shapes_main(argv: list[str]) -> int:
         common.usage_error(prog, "--images DIR is required (or --write_gt N --out DIR)")
     try:
         results = score_folder(fv.images, fv.metadata)
-    except (OSError, ValueError) as e:
+        items = list_images(fv.images, fv.metadata)
+        first = image_lib.load_image(items[0][0], name=items[0][0])
+        controls = {}
+        if fv.controls:
+            controls = control_rows(
+                items, num=fv.controls, resolution=first.shape[0], workdir=fv.workdir, cfg=fv.cfg, seed=fv.seed
+            )
+    except (OSError, ValueError, init_sources.WorkdirError) as e:
         return common.error(prog, e)
     if fv.results:
         with open(fv.results, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)
-    print(shapes.format_table(results))
+    print(shapes.format_table(results) + (format_controls(controls) if controls else ""))
     return 0
 
 

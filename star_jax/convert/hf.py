@@ -39,14 +39,17 @@ def canonical_name(name: str) -> str:
 
 
 class CanonicalNames(Mapping):
-    """A read-only view of a tensor mapping under on-disk names, whichever layout it was saved in."""
+    """A read-only view of a tensor mapping under on-disk names, whichever layout it was saved in.
 
-    def __init__(self, tensors: Mapping[str, np.ndarray], source: str):
+    canonical: name -> on-disk name (default `canonical_name`; `star_table.canonical_star_name`
+    for a STAR state dict)."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray], source: str, canonical=canonical_name):
         self._tensors = tensors
         self._names: dict[str, str] = {}
         clashes = []
         for name in tensors:
-            canon = canonical_name(name)
+            canon = canonical(name)
             if canon in self._names:
                 clashes.append(f"{self._names[canon]} / {name}")
             self._names[canon] = name
@@ -58,6 +61,11 @@ class CanonicalNames(Mapping):
 
     def shape(self, name) -> tuple[int, ...]:
         return tensor_shape(self._tensors, self._names[name])
+
+    def dtype(self, name) -> np.dtype:
+        """The stored dtype, without reading a lazy tensor."""
+        inner = self._names[name]
+        return np.dtype(self._tensors.dtype(inner)) if hasattr(self._tensors, "dtype") else self._tensors[inner].dtype
 
     def __iter__(self):
         return iter(self._names)

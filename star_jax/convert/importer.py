@@ -16,7 +16,12 @@ Two routes, by what is given:
   3. the VQ weights (standalone `encoder.*` or STAR `pixel_encoder.*` names), under `pixel_encoder.`.
   Every tensor is checked against the mapping table (`star_table.star_entries`): missing,
   unexpected and mis-shaped tensors are reported together, and a dtype that differs from the
-  target param's is an error naming the tensor unless `cast=True`. Parts the reference has no
+  target param's is an error naming the tensor unless the param's dtype holds every value of it
+  (a released bf16 file into float32 params) or `cast=True`. The released layout imports as it
+  is: names written by newer transformers (`llm.model.language_model.*`, `llm.model.visual.*`)
+  are read as the released ones, an int64 usage buffer of the model's window is loaded (code
+  indices are exact in float32), and buffers the model does not hold (integer tensors no
+  parameter reads, a usage window of another length) are skipped with one log line. Parts the reference has no
   tensors for (the PatchGAN, a project's parts) are freshly initialised.
 Every source is checked before anything is written. The stage is written with `StageCheckpoints`
 exactly as the trainer lays it out (frozen params in `frozen/`, trainable params + a fresh optimizer
@@ -29,6 +34,7 @@ with the weights); the saved `config.train.init_from` records the sources.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
@@ -41,9 +47,10 @@ from flax import nnx
 from star_jax import checkpointing, init_sources, optim, sharding, stages
 from star_jax.convert import hf, star_table, tensor_io, vq_table
 from star_jax.convert.stage_reader import build_star
-from star_jax.convert.table import CheckpointError, check_dtypes, fill_state, tensor_shape
+from star_jax.convert.table import CheckpointError, check_dtypes, fill_state, ref_names, tensor_shape
 from star_jax.models import star
 
+USAGE = star_table.STAR_PREFIXES["vq"] + vq_table.USAGE_NAME  # the VQ's usage buffer, reference name
 # The parts an import must load from a source (the rest may start fresh), and the flag that gives them.
 REQUIRED_PARTS = {"base": "--hf", "vision": "--hf", "vq": "--vq"}
 
@@ -54,11 +61,12 @@ class MergedTensors(Mapping):
     def __init__(self):
         self._where: dict[str, tuple[Mapping, str, str]] = {}
 
-    def add(self, label: str, tensors: Mapping, prefix: str = "", *, strip: str = "") -> int:
-        """Adds `tensors`' names (minus `strip`, plus `prefix`) not present yet; returns how many."""
+    def add(self, label: str, tensors: Mapping, prefix: str = "", *, strip: str = "", exclude=()) -> int:
+        """Adds `tensors`' names (minus `strip`, plus `prefix`) not present yet and not in `exclude`;
+        returns how many."""
         n = 0
         for name in tensors:
-            if strip and not name.startswith(strip):
+            if (strip and not name.startswith(strip)) or name in exclude:
                 continue
             full = prefix + name[len(strip) :]
             if full not in self._where:
@@ -101,7 +109,9 @@ def reference_tensors(
     """The merged reference tensors of the three sources (see the module docstring)."""
     merged = MergedTensors()
     if star_path:
-        merged.add(star_path, tensor_io.read_tensors(star_path, allow_pickle=allow_pickle))
+        merged.add(
+            star_path, star_table.star_tensors(tensor_io.read_tensors(star_path, allow_pickle=allow_pickle), star_path)
+        )
     if hf_dir:
         merged.add(hf_dir, hf.read_directory(hf_dir), star_table.STAR_PREFIXES["base"])
     if vq_path:
@@ -133,9 +143,12 @@ def load_star(config, tensors: Mapping, *, stage: str | None = None, cast: bool 
         model = nnx.merge(graphdef, abstract)
         entries = star_table.star_entries(model)
         flat = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(abstract)}
-        tensors = _with_usage_default(tensors, flat)
+        tensors = _with_usage_default(_without_foreign_buffers(tensors, entries, flat, source), flat)
         dtype_of = tensors.dtype if hasattr(tensors, "dtype") else lambda n: tensors[n].dtype if n in tensors else None
-        check_dtypes(entries, {p: a.dtype for p, a in flat.items()}, dtype_of, source=source, cast=cast)
+        # The usage buffer holds code indices: an int64 one (the reference's) converts exactly.
+        usage_int = USAGE in tensors and np.issubdtype(dtype_of(USAGE), np.integer)
+        checked = [e for e in entries if not (e.ref == USAGE and usage_int)]
+        check_dtypes(checked, {p: a.dtype for p, a in flat.items()}, dtype_of, source=source, cast=cast)
         ignore = star_table.unused_prefixes(model.components)  # parts the stage lacks (a VQ stage: all but the VQ)
         if "base" in model.components and model.decoder_cfg.tie_embeddings:
             ignore += ("llm.lm_head.",)  # a tied checkpoint may still carry a copy
@@ -158,6 +171,26 @@ def _fresh_uncovered(state, config, stage: str | None, mesh):
     for k in empty:
         flat[k].set_value(fresh_flat[k].get_value())
     return nnx.from_flat_state(flat)
+
+
+def _without_foreign_buffers(tensors: Mapping, entries, flat: dict, source: str) -> Mapping:
+    """`tensors` less the buffers the model does not hold, with one log line naming them: integer
+    tensors no entry reads (counters and indices are never weights), and a VQ usage buffer whose
+    window differs from the model's (e.g. LlamaGen's 65,536 entries). Unchanged when there are none."""
+    read = {name for e in entries if e.flax in flat for name, _ in ref_names(e, tuple(flat[e.flax].shape))}
+    dtype_of = tensors.dtype if hasattr(tensors, "dtype") else lambda n: np.asarray(tensors[n]).dtype
+    skip = [n for n in tensors if n not in read and np.issubdtype(dtype_of(n), np.integer)]
+    window = flat.get("vq/quantize/codebook_used")
+    if USAGE in tensors and window is not None and tensor_shape(tensors, USAGE) != tuple(window.shape):
+        skip.append(USAGE)
+    if not skip:
+        return tensors
+    logging.info(
+        "%s: skipped %d buffer(s) the model does not hold: %s", source, len(skip), ", ".join(sorted(skip)[:10])
+    )
+    merged = MergedTensors()
+    merged.add(source, tensors, exclude=set(skip))
+    return merged
 
 
 def _with_usage_default(tensors: Mapping, flat: dict) -> Mapping:

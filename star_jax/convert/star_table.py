@@ -3,14 +3,17 @@
 Its own entries are the pixel adapter and the image head; the stacked AR reuses the decoder's layer
 stack table, and `star_entries` composes the decoder (`base/` <-> `llm.`), vision (`vision/` <->
 `llm.visual.`), stack, adapter, head and VQ (`vq/` <-> `pixel_encoder.`) tables for the components
-a model has.
+a model has. `star_tensors` reads a state dict saved with newer transformers names
+(`llm.model.language_model.*`, `llm.model.visual.*`) under the released ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from flax import nnx
 
-from star_jax.convert import decoder_table, vision_table, vq_table
+from star_jax.convert import decoder_table, hf, vision_table, vq_table
 from star_jax.convert.table import Entry, Identity, Linear
 
 # Reference prefixes of the STAR state dict, by star_jax component.
@@ -24,6 +27,28 @@ STAR_PREFIXES = {
 }
 # Prefixes of a reference state dict that star_jax has no module for.
 IGNORED_PREFIXES = ("diffusion_decoder.",)
+# Names transformers >= 4.52 (and 5) give the wrapped Qwen2.5-VL -> the released (4.51) names.
+NEWER_PREFIXES = (
+    ("llm.model.language_model.", "llm.model."),
+    ("llm.model.visual.", "llm.visual."),
+    ("stacked_ar.model.language_model.", "stacked_ar.model."),
+)
+
+
+def canonical_star_name(name: str) -> str:
+    """The released (transformers 4.51) name of a STAR state-dict name in either layout: e.g.
+    `llm.model.language_model.layers.0.mlp.up_proj.weight` -> `llm.model.layers.0.mlp.up_proj.weight`,
+    `llm.model.visual.merger.ln_q.weight` -> `llm.visual.merger.ln_q.weight`."""
+    for newer, released in NEWER_PREFIXES:
+        if name.startswith(newer):
+            return released + name[len(newer) :]
+    return name
+
+
+def star_tensors(tensors: Mapping, source: str) -> hf.CanonicalNames:
+    """A STAR state dict (any mapping of names) under the released names (`canonical_star_name`);
+    CheckpointError naming the tensors a file holds under both layouts."""
+    return hf.CanonicalNames(tensors, source, canonical=canonical_star_name)
 
 
 def adapter_entries(depth: int, flax_prefix: str = "pixel_adapter/", ref_prefix: str = "pixel_adapter.") -> list[Entry]:

@@ -20,6 +20,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -144,8 +145,20 @@ def _report(items: list[str]) -> str:
     return ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
 
 
+def widens_exactly(got, target) -> bool:
+    """True when every value of float dtype `got` is exactly a value of float dtype `target` (e.g.
+    bfloat16 or float16 -> float32: a released bf16 checkpoint loads into float32 params unchanged)."""
+    got, target = np.dtype(got), np.dtype(target)
+    floats = [d for d in (got, target) if np.issubdtype(d, np.floating) or d == ml_dtypes.bfloat16]
+    if len(floats) < 2:
+        return False
+    a, b = ml_dtypes.finfo(got), ml_dtypes.finfo(target)
+    return b.nmant >= a.nmant and b.maxexp >= a.maxexp and b.minexp <= a.minexp
+
+
 def check_dtypes(entries, want: dict[str, np.dtype], dtype_of, *, source: str, cast: bool = False) -> None:
-    """Raises one error naming every reference tensor whose dtype differs from its star_jax param.
+    """Raises one error naming every reference tensor whose dtype differs from its star_jax param,
+    unless the param's dtype holds every value of the tensor's (`widens_exactly`).
 
     Args:
       entries: the mapping entries; want: star_jax path -> the param's dtype.
@@ -165,7 +178,7 @@ def check_dtypes(entries, want: dict[str, np.dtype], dtype_of, *, source: str, c
                 i += 1
         for name in names:
             got = dtype_of(name)
-            if got is not None and np.dtype(got) != target:
+            if got is not None and np.dtype(got) != target and not widens_exactly(got, target):
                 wrong.append(f"{name}: expected {target}, found {np.dtype(got)}")
     if wrong:
         raise CheckpointError(

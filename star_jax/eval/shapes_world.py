@@ -4,6 +4,8 @@ generation     ShapeEval (GenEval's six tasks) on images drawn from held-out-fre
 understanding  exact-match QA accuracy per question type
 editing        success = the edited image satisfies the target scene's metadata (ShapeEval logic)
 vq ceiling     ShapeEval on VQ round-trip reconstructions of ground-truth renders, and their PSNR
+controls       ShapeEval of what must score (near) 0: an untrained stack's samples, VQ decodes of
+               uniformly random codes, scattered palette-coloured fragments; CONTROL_LIMIT bounds them
 caption information  what the caption is worth to the stack: teacher-forced image-token
                cross-entropy with and without it, by kind of grid cell
 """
@@ -13,9 +15,37 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from scipy import ndimage
 
-from star_jax import sequences, shapes
+from star_jax import sequences, shapes, sharding
+from star_jax.decode import runner as runner_lib
 from star_jax.decode.runner import to_float, to_uint8, vq_call
+from star_jax.models import star
+
+CONTROL_LIMIT = 0.05  # ShapeEval overall a control may reach: above it the scorer passes noise
+TRAINED_PARTS = ("stacked_ar", "pixel_adapter", "image_head")  # what an untrained stack starts fresh
+
+
+def generation_prompts(per_task: int, split: str = "validation", seed: int = 0) -> tuple[list[str], list[dict]]:
+    """The prompts and GenEval metadata of `generation`: `per_task` per GenEval tag, tag-major."""
+    prompts, metas = [], []
+    for tag in shapes.GENEVAL_TAGS:
+        for i in range(per_task):
+            ex = shapes.make_example(split, i, "pair", seed=seed, tag=tag)
+            prompts.append(ex["caption"])
+            metas.append(ex["metadata"])
+    return prompts, metas
+
+
+def score(images: np.ndarray, metas: list[dict]) -> dict:
+    """ShapeEval of uint8 images [n, H, W, 3] against `metas` (one each):
+    {"results": [{"tag", "prompt", "correct", "reason"}], "summary", "table"}."""
+    results = []
+    for img, meta in zip(images, metas, strict=True):
+        correct, reason = shapes.evaluate_image(img, meta)
+        results.append({"tag": meta["tag"], "prompt": meta["prompt"], "correct": correct, "reason": reason})
+    return {"results": results, "summary": shapes.summarize(results), "table": shapes.format_table(results)}
 
 
 def generation(runner, *, per_task: int, split: str = "validation", seed: int = 0, batch: int = 16, **sampling) -> dict:
@@ -23,29 +53,90 @@ def generation(runner, *, per_task: int, split: str = "validation", seed: int = 
 
     Returns {"results": [...], "summary": shapes.summarize(...), "table": str, "samples": uint8 [k, H, W, 3]}.
     """
-    prompts, metas = [], []
-    for tag in shapes.GENEVAL_TAGS:
-        for i in range(per_task):
-            ex = shapes.make_example(split, i, "pair", seed=seed, tag=tag)
-            prompts.append(ex["caption"])
-            metas.append(ex["metadata"])
+    prompts, metas = generation_prompts(per_task, split, seed)
     images = []
     for start in range(0, len(prompts), batch):
         out, _ = runner.text_to_image(prompts[start : start + batch], seed=seed + start, **sampling)
         images.append(out)
     images = np.concatenate(images)
-    results = []
-    for img, meta in zip(images, metas):
-        correct, reason = shapes.evaluate_image(img, meta)
-        results.append({"tag": meta["tag"], "prompt": meta["prompt"], "correct": correct, "reason": reason})
     # Samples for the report: the first image of each task.
     samples = images[:: max(per_task, 1)][: len(shapes.GENEVAL_TAGS)]
-    return {
-        "results": results,
-        "summary": shapes.summarize(results),
-        "table": shapes.format_table(results),
-        "samples": samples,
-    }
+    return score(images, metas) | {"samples": samples}
+
+
+def untrained_stack(runner, seed: int = 0) -> runner_lib.StarRunner:
+    """A runner whose model is `runner`'s as its generation stage starts: the frozen parts (base,
+    ViT, VQ) of `runner.model`, the stack copied from the base's last layers (or fresh, per
+    `config.model.star.stack_init`), the pixel adapter and the image head freshly initialised."""
+    config, trained = runner.config, runner.model
+    parts = tuple(p for p in TRAINED_PARTS if p in trained.components)
+    mesh, rules = sharding.single_device_mesh(), sharding.DEFAULT_RULES
+    # Only the trained parts are built (initialising a base and a ViT again would be wasted).
+    fresh = sharding.create_sharded(lambda: star.build(config, parts, rngs=nnx.Rngs(seed)), mesh, rules)
+    model = nnx.clone(trained)
+    for part in parts:
+        nnx.update(getattr(model, part), nnx.state(getattr(fresh, part)))
+    if "stacked_ar" in parts and config.model.star.stack_init == "copy_last":
+        with sharding.use_mesh(mesh, rules):
+            model.copy_stack_from_base()
+    return runner_lib.StarRunner(model, config, tok=runner.tok)
+
+
+def random_code_images(decode, codebook_size: int, num_tokens: int, num: int, seed: int = 0) -> np.ndarray:
+    """VQ decodes of uniformly random codes: decode(int codes [num, num_tokens]) -> uint8 images."""
+    codes = np.random.default_rng(seed).integers(0, codebook_size, (num, num_tokens))
+    return np.asarray(decode(codes))
+
+
+def fragment_images(num: int, resolution: int = 64, seed: int = 0) -> np.ndarray:
+    """Scattered palette-coloured fragments on the background: uint8 [num, R, R, 3].
+
+    Each image holds 6 to 24 blobs (random palette colour, random blob of 1 to 12 % of the side,
+    smoothed like a decoder's output): what a generator that learned colours but not objects draws.
+    """
+    rng = np.random.default_rng(seed)
+    palette = np.array(list(shapes.COLORS.values()), np.float32)
+    out = np.empty((num, resolution, resolution, 3), np.uint8)
+    for i in range(num):
+        image = np.empty((resolution, resolution, 3), np.float32)
+        image[:] = shapes.BACKGROUND
+        for _ in range(rng.integers(6, 25)):
+            side = max(2, int(resolution * rng.uniform(0.01, 0.12)))
+            y, x = rng.integers(0, resolution - side, 2)
+            blob = ndimage.gaussian_filter(rng.random((side, side)), side / 4) > 0.5
+            image[y : y + side, x : x + side][blob] = palette[rng.integers(len(palette))]
+        out[i] = np.clip(ndimage.gaussian_filter(image, (0.8, 0.8, 0)), 0, 255).round().astype(np.uint8)
+    return out
+
+
+def controls(runner, *, per_task: int, split: str = "validation", seed: int = 0, batch: int = 16, **sampling) -> dict:
+    """ShapeEval of the controls of a generation evaluation, on its prompts' metadata:
+    {"untrained_stack", "random_codes", "fragments"}, each {"summary", "table", "results"}.
+
+    untrained_stack: `generation` of `untrained_stack(runner)` with the same sampling;
+    random_codes: `runner`'s VQ decoder on uniformly random codes;
+    fragments: `fragment_images` at the VQ's resolution. Each should score <= CONTROL_LIMIT.
+    """
+    prompts, metas = generation_prompts(per_task, split, seed)
+    fresh = untrained_stack(runner, seed)
+    out = {"untrained_stack": generation(fresh, per_task=per_task, split=split, seed=seed, batch=batch, **sampling)}
+    del out["untrained_stack"]["samples"]
+    codebook = runner.model.vq_cfg.codebook_size
+    codes = random_code_images(runner.decode_codes, codebook, runner.num_tokens, len(metas), seed)
+    out["random_codes"] = score(codes, metas)
+    out["fragments"] = score(fragment_images(len(metas), runner.model.vq_cfg.image_size, seed), metas)
+    return out
+
+
+def vq_controls(vq_model, *, per_task: int, split: str = "validation", seed: int = 0) -> dict:
+    """The controls a tokenizer alone gives (`controls` without the stack): {"random_codes",
+    "fragments"}, each {"summary", "table", "results"}, on the generation prompts' metadata."""
+    _, metas = generation_prompts(per_task, split, seed)
+    grid = vq_model.cfg.grid_size
+    decode = lambda codes: to_uint8(vq_call(vq_model, "decode_codes", jnp.asarray(codes).reshape(-1, grid, grid)))
+    codes = random_code_images(decode, vq_model.cfg.codebook_size, grid * grid, len(metas), seed)
+    fragments = fragment_images(len(metas), vq_model.cfg.image_size, seed)
+    return {"random_codes": score(codes, metas), "fragments": score(fragments, metas)}
 
 
 def understanding(
@@ -154,14 +245,11 @@ def vq_ceiling(reconstruct, *, per_task: int, split: str = "validation", seed: i
     ]
     originals = np.stack([e["image"] for e in exs])
     recon = reconstruct(originals)
-    results = []
-    for img, e in zip(recon, exs):
-        correct, reason = shapes.evaluate_image(img, e["metadata"])
-        results.append({"tag": e["tag"], "prompt": e["caption"], "correct": correct, "reason": reason})
+    scored = score(recon, [e["metadata"] for e in exs])
     return {
         "psnr": float(np.mean([psnr(a, b) for a, b in zip(originals, recon)])),
-        "summary": shapes.summarize(results),
-        "table": shapes.format_table(results),
+        "summary": scored["summary"],
+        "table": scored["table"],
     }
 
 
