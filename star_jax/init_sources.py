@@ -172,14 +172,22 @@ def load_vq(model: star.Star, path: str) -> set[str]:
     return _load_tensors(model, entries, view, source=f"vq:{path}", ignore=(vq_table.USAGE_NAME,))
 
 
+VQ_PREFIX = "pixel_encoder."
+
+
 def load_star_file(model: star.Star, path: str) -> set[str]:
     """`star:<file>`: every param the model has from the reference STAR state dict (`.safetensors`, or a
     `.pt` holding `{'state_dict': ...}` read with weights_only); parts the model lacks are ignored."""
     ignore = star_table.unused_prefixes(model.components)
     if "base" in model.components and model.decoder_cfg.tie_embeddings:
         ignore += ("llm.lm_head.",)
-    tensors = tensor_io.read_tensors(path)
-    return _load_tensors(model, star_table.star_entries(model), tensors, source=f"star:{path}", ignore=ignore)
+    tensors = star_table.star_tensors(tensor_io.read_tensors(path), path)  # released or newer transformers names
+    entries = star_table.star_entries(model)
+    if "vq" in model.components and not any(name.startswith(VQ_PREFIX) for name in tensors):
+        # The released STAR files ship the VQ apart (a vq:<file> source); `initialise` checks one came.
+        logging.info("star:%s holds no %s tensors: the VQ comes from a vq: source", path, VQ_PREFIX)
+        entries = [e for e in entries if not e.ref.startswith(VQ_PREFIX)]
+    return _load_tensors(model, entries, tensors, source=f"star:{path}", ignore=ignore)
 
 
 def load_source(model: nnx.Module, workdir: str, source: str) -> set[str]:
@@ -210,6 +218,12 @@ def initialise(model: nnx.Module, config, workdir: str) -> set[str]:
     for source in config.train.init_from:
         loaded |= load_source(model, workdir, source)
         logging.info("init_from %s: %d params", source, len(loaded))
+    if config.train.init_from and "vq" in model.components and not any(p.startswith("vq/") for p in loaded):
+        if any(source.startswith("star:") for source in config.train.init_from):
+            raise SourceError(
+                f"config.train.init_from={tuple(config.train.init_from)!r}: the star: file holds no VQ "
+                "(the released STAR files ship it apart); add 'vq:<file>' after it"
+            )
     if "stacked_ar" in model.components and not any(p.startswith("stacked_ar/") for p in loaded):
         if config.model.star.stack_init == "copy_last":
             model.copy_stack_from_base()
