@@ -240,9 +240,13 @@ def logical_sharding(mesh: jax.sharding.Mesh, rules, names: Sequence[str | None]
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint on an activation by logical names under the rules in context
-    (`use_mesh`); a no-op outside a mesh or when all names resolve to replicated."""
+    (`use_mesh`); a no-op outside a mesh or when all names resolve to replicated. A dimension that
+    its mesh axes do not divide (one image's ViT tokens at inference on 8 devices) stays replicated."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = core_spmd.get_logical_axis_rules()
     if mesh is None or mesh.empty or not rules or math.prod(mesh.shape.values()) == 1:
         return x
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+    spec = logical_to_spec(names, rules)
+    divisible = lambda dim, axes: dim % math.prod(mesh.shape[a] for a in _as_tuple(axes)) == 0  # noqa: E731
+    spec = PartitionSpec(*(axes if axes is None or divisible(dim, axes) else None for dim, axes in zip(x.shape, spec)))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -152,3 +152,20 @@ def test_config_errors_name_the_field():
         vision.vision_layout([(1, 3, 4)], TINY)
     with pytest.raises(ValueError, match="pixel_values shape"):
         _tower(TINY)(jnp.zeros((16, 10)), [(1, 4, 4)])
+
+
+def test_tower_spreads_the_batch_images_over_the_devices():
+    """On a (data=2, fsdp=4) mesh the flat tokens of 8 equal images are sharded over all 8 devices
+    (each device runs the ViT on its own images), and the output equals the single-device one."""
+    grid = [(1, 4, 4)] * 8
+    single = _tower(TINY)
+    want = np.asarray(single(_pixels(TINY, grid), grid))
+    mesh = sharding.make_mesh((2, 4, 1))
+    sharded = sharding.create_sharded(lambda: vision.VisionTower(TINY, rngs=nnx.Rngs(0)), mesh, sharding.DEFAULT_RULES)
+    layout = vision.vision_layout(grid, TINY)
+    with sharding.use_mesh(mesh, sharding.DEFAULT_RULES):
+        encode = jax.jit(lambda m, x: m.encode(x, layout))
+        hlo = encode.lower(sharded, _pixels(TINY, grid)).as_text()
+        got = np.asarray(encode(sharded, _pixels(TINY, grid)))
+    assert '[{"data", "fsdp"}, {}]' in hlo, "the ViT tokens are not constrained to the batch axes"
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)

@@ -259,7 +259,7 @@ class VisionMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [N, D] -> [N, D]."""
-        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("length", "act_mlp")))
+        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "act_mlp")))
 
 
 class VisionBlock(nnx.Module):
@@ -342,7 +342,9 @@ class VisionTower(nnx.Module):
         dt = to_dtype(cfg.dtype)
         x = layers.matmul(pixel_values, self.patch_kernel[...], dt)  # [N, D]
         x = x.reshape(n // cfg.merge_unit, cfg.merge_unit, -1)[jnp.asarray(layout.window_index)].reshape(n, -1)
-        x = constrain(x, ("length", "act_embed"))
+        # The flat tokens of all images are spread over the batch axes (whole images per device when
+        # they divide): without it every device would run the ViT over the global batch.
+        x = constrain(x, ("batch", "act_embed"))
         cos, sin = rope_tables(jnp.asarray(layout.rope_hw), cfg.head_dim, cfg.rope_theta)
         window_ids, frame_ids = layout.window_ids, layout.frame_ids
         length = _uniform_frame_length(layout)
