@@ -1,6 +1,7 @@
 """Configs: parsing, overrides, the size table, and every validation error naming key and value."""
 
 import math
+import os
 
 import jax
 import ml_collections
@@ -9,10 +10,9 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from star_jax import layers, sequences, sharding, stages
+from star_jax import layers, sequences, sharding, stages, sweep
 from star_jax.cli import common as cli_common
 from star_jax.configs import common, sizes, star, validation
-from star_jax.configs.sweeps import ladder
 from star_jax.input import examples
 from star_jax.models import qwen2, vision_preprocess
 from star_jax.projects.shapes import config as shapes_demo
@@ -221,21 +221,14 @@ def test_every_shapes_demo_stage_is_valid(variant):
         assert pipeline.stage_config(config, "understanding").train.init_from == ("vision",)
 
 
-def test_sweeps_are_lists_of_override_dicts():
-    runs = ladder.get_sweep()
-    assert len(runs) >= 5 and all(isinstance(r, dict) for r in runs)
-    for overrides in runs:
-        config = star.get_config(overrides.get("config_arg", ""))
-        for key, value in overrides.items():
-            if key == "config_arg":
-                continue
-            node = config
-            *parents, leaf = key.split(".")
-            for p in parents:
-                node = node[p]
-            assert leaf in node, key
-            node[leaf] = value
-        validation.validate(config, num_devices=8)
+@pytest.mark.parametrize("name", ["ladder", "stack_depth", "cpu_ladder"])
+def test_every_sweep_file_expands_to_valid_configs(name, tmp_path):
+    """Each configs/sweeps file expands through the sweep runner: every override key exists, every
+    config validates, run names are unique."""
+    path = os.path.join(os.path.dirname(star.__file__), "sweeps", f"{name}.py")
+    shared, runs, _ = sweep.expand(path, str(tmp_path))
+    assert len(runs) >= 4
+    assert len({r.name for r in runs}) == len(runs)
 
 
 def _count(make):
