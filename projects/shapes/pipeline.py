@@ -12,13 +12,14 @@ import copy
 import json
 import os
 import re
+import sys
 import time
 
 import ml_collections
 import numpy as np
 from PIL import Image
 
-from star_jax import checkpointing, init_sources, stages, train
+from star_jax import checkpointing, distributed, init_sources, stages, train
 from star_jax.decode import runner as runner_lib
 from star_jax.eval import shapes_world
 from star_jax.metrics import image_grid
@@ -80,8 +81,10 @@ def run(config, workdir: str) -> dict:
             last = train.train_and_evaluate(c, workdir)
             report[f"{stage}_final_metrics"] = last
             if not checkpointing.is_stage_done(workdir, stage):
-                # Preempted (SIGTERM): the stage saved; later stages must not start from it.
-                raise SystemExit(f"[pipeline] stage {stage} was interrupted; rerun the same command to resume it")
+                # Preempted (SIGTERM): the stage saved; later stages must not start from it. The exit
+                # status is the trainer's "restart" code, which launch scripts rerun on.
+                print(f"[pipeline] stage {stage} was interrupted; rerun the same command to resume it", file=sys.stderr)
+                raise SystemExit(distributed.PREEMPTED_EXIT_CODE)
         report["stage_wall_s"][stage] = time.perf_counter() - t0
         if stage == "understanding":
             base_runner = _runner(workdir, ("understanding",))
