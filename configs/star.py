@@ -118,9 +118,8 @@ def get_config(arg=None):
     config.train.max_skipped_steps = 10
     config.train.log_every = 50
     config.train.ckpt_every = 1000
-    config.train.ckpt_every_s = (
-        0  # also save at the first log step after this many seconds (process 0 decides); 0 = off
-    )
+    # Also save at the first log step after this many seconds (process 0 decides); 0 = off.
+    config.train.ckpt_every_s = 0.0
     config.train.keep_last = 3
     config.train.keep_every = 0  # also keep every m-th step forever; 0 = off
     # Generation / editing: a grid of samples (PNG + TensorBoard) every k steps and at the last

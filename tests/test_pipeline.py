@@ -287,36 +287,42 @@ def _png_bytes(directory):
     return {n: open(os.path.join(directory, n), "rb").read() for n in sorted(os.listdir(directory)) if n[0].isdigit()}
 
 
-def test_generate_cli_is_deterministic_and_survives_a_bad_prompt(demo, tmp_path, capsys):
+def test_generate_cli_is_deterministic_and_refuses_a_prompt_that_does_not_fit(demo, tmp_path, capsys):
     from star_jax.cli import generate
 
     _, workdir, _ = demo
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a photo of a red circle\n" + "a photo of " + "blue square and " * 40 + "a cat\n")
-    flags = ["--workdir", workdir, "--prompts", str(prompts), "--num", "2", "--top_k", "5", "--seed", "3"]
-    assert generate.main(["generate", *flags, "--out", str(tmp_path / "a")]) == 0
-    assert generate.main(["generate", *flags, "--out", str(tmp_path / "b")]) == 0
-    err = capsys.readouterr().err
-    assert "prompt 1 failed" in err and "max_prompt_len" in err
-    rows = [json.loads(line) for line in open(tmp_path / "a" / "samples.jsonl")]
-    assert [r.get("error") is None for r in rows] == [True, True, False]
+    good, bad = tmp_path / "good.txt", tmp_path / "bad.txt"
+    good.write_text("a photo of a red circle\n")
+    bad.write_text("a photo of a red circle\n" + "a photo of " + "blue square and " * 40 + "a cat\n")
+    flags = ["--num", "2", "--top_k", "5", "--seed", "3", "--workdir", workdir]
+    assert generate.main(["generate", *flags, "--prompts", str(good), "--out", str(tmp_path / "a")]) == 0
+    assert generate.main(["generate", *flags, "--prompts", str(good), "--out", str(tmp_path / "b")]) == 0
     a, b = _png_bytes(tmp_path / "a"), _png_bytes(tmp_path / "b")
     assert list(a) == ["00000_0.png", "00000_1.png"] and a == b  # same seed, same images
     assert os.path.exists(tmp_path / "a" / "grid.png")
+    capsys.readouterr()
+    # A prompt that does not fit is refused before the model loads, naming its line; nothing written.
+    assert generate.main(["generate", *flags, "--prompts", str(bad), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts line 2" in err and "config.data.max_prompt_len" in err
+    assert not os.path.exists(tmp_path / "c")
 
 
 @pytest.mark.parametrize(
-    "argv, message, code",
+    "argv, message",
     [
-        (["--prompt", "   "], "--prompt is empty", 2),  # refused before the model loads
-        (["--prompt", "red " * 200], "max_prompt_len", 1),
+        (["--prompt", "   "], "--prompt is empty"),
+        (["--prompt", "red " * 200], "config.data.max_prompt_len"),
     ],
 )
-def test_generate_cli_bad_prompts(demo, tmp_path, capsys, argv, message, code):
+def test_generate_cli_bad_prompts(demo, tmp_path, capsys, argv, message):
+    """Refused before the model loads: exit 2, one line, nothing written."""
     from star_jax.cli import generate
 
-    assert generate.main(["generate", "--workdir", demo[1], *argv, "--out", str(tmp_path)]) == code
+    out = tmp_path / "out"
+    assert generate.main(["generate", "--workdir", demo[1], *argv, "--out", str(out)]) == 2
     assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_cli_unknown_workdir_and_bad_images(demo, tmp_path, capsys):
