@@ -4,5 +4,5 @@
 # stages (DONE markers) and resumes an interrupted one from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_venv.sh torch,test
+bash launch/setup_venv.sh torch,test,aot  # the same extras as launch/test.sh: one venv serves both
 exec .venv/bin/star-jax pipeline --config projects/shapes/config.py --workdir runs/demo "$@"
