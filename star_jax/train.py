@@ -279,15 +279,7 @@ def _train(config, workdir: str, task: Task) -> dict:
         if distributed.is_writer():
             print(f"[{config.stage}] trainable params {n_trainable:,}, frozen {n_frozen:,}", flush=True)
 
-        step_fn = train_step.make_train_step(
-            graphdef,
-            task.objective,
-            tx,
-            grad_accum=tc.grad_accum,
-            skip_nonfinite=tc.nonfinite == "skip",
-            post_update=task.post_update,
-            batch_axes=task.batch_axes,
-        )
+        step_fn = train_step.task_step(task, graphdef, tx, tc)
         jitted = train_step.jit_train_step(step_fn, state, frozen)
 
         writer = metrics.Writer(ckpts.dir, total_steps=tc.num_steps, stage=config.stage)

@@ -97,6 +97,21 @@ def make_train_step(
     return step_fn
 
 
+def task_step(task, graphdef, tx: optax.GradientTransformation, train_config):
+    """`make_train_step` for a `train.Task` (its objective, post_update and batch axes) with
+    `config.train`'s gradient accumulation and non-finite mode: the step the trainer, the AOT check
+    and the benchmark all run."""
+    return make_train_step(
+        graphdef,
+        task.objective,
+        tx,
+        grad_accum=train_config.grad_accum,
+        skip_nonfinite=train_config.nonfinite == "skip",
+        post_update=task.post_update,
+        batch_axes=task.batch_axes,
+    )
+
+
 def opt_state_shardings(tx: optax.GradientTransformation, params: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
     """Shardings of `tx.init(params)`: a leaf shaped like a param (AdamW's mu / nu) takes that
     param's sharding, every other leaf (step counters, empty states) is replicated on `mesh`.

@@ -169,15 +169,7 @@ def _abstract_step(config, mesh, rules):
     task = train.make_task(config)
     tx = optim.make_optimizer(config.train)
     graphdef, state, frozen = train_step.abstract_state(task.build_model, list(config.train.trainable), tx, mesh, rules)
-    step_fn = train_step.make_train_step(
-        graphdef,
-        task.objective,
-        tx,
-        grad_accum=config.train.grad_accum,
-        skip_nonfinite=config.train.nonfinite == "skip",
-        post_update=task.post_update,
-        batch_axes=task.batch_axes,
-    )
+    step_fn = train_step.task_step(task, graphdef, tx, config.train)
     jitted = train_step.jit_train_step(step_fn, state, frozen)
     axes = task.batch_axes or {}
     example = signature.example_signature(config)

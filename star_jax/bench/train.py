@@ -140,15 +140,7 @@ class JaxStep:
             tx = optim.make_optimizer(config.train)
             opt_state = jax.jit(tx.init, out_shardings=train_step.opt_state_shardings(tx, params, self.mesh))(params)
             state = {"params": params, "opt_state": opt_state, "other": other}
-            step_fn = train_step.make_train_step(
-                graphdef,
-                task.objective,
-                tx,
-                grad_accum=config.train.grad_accum,
-                skip_nonfinite=config.train.nonfinite == "skip",
-                post_update=task.post_update,
-                batch_axes=task.batch_axes,
-            )
+            step_fn = train_step.task_step(task, graphdef, tx, config.train)
             self.jitted = train_step.jit_train_step(step_fn, state, frozen)
         self.params, self.frozen, self.other, self.opt_state = params, frozen, other, opt_state
         self.trainable = sum(x.size for x in jax.tree.leaves(params))
