@@ -32,7 +32,7 @@ from flax import nnx
 from transformers import DynamicCache, Qwen2Config, Qwen2Model
 
 from star_jax.convert import star_table
-from star_jax.convert.hf_config import qwen2_text_config
+from star_jax.convert.hf_config import qwen2_text_config, vision_fields
 from star_jax.convert.table import to_ref
 from star_jax.models.star import Star
 from star_jax.text import chat
@@ -200,20 +200,7 @@ def _vl_text_config(cfg, num_layers: int, vocab_size: int):
 def _vision_config(v):
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
-    return Qwen2_5_VLVisionConfig(
-        depth=v.depth,
-        hidden_size=v.hidden_size,
-        num_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        out_hidden_size=v.out_hidden_size,
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        in_channels=v.in_channels,
-        spatial_merge_size=v.spatial_merge_size,
-        window_size=v.window_size,
-        fullatt_block_indexes=list(v.fullatt_block_indexes),
-        hidden_act="silu",
-    )
+    return Qwen2_5_VLVisionConfig(**vision_fields(v))
 
 
 class TorchStarVL(torch.nn.Module):

@@ -193,6 +193,24 @@ def special_ids(vocab_size: int) -> dict:
     return {k: tok.special(v) for k, v in names.items()}
 
 
+def vision_fields(v: vision.VisionConfig) -> dict:
+    """The Qwen2.5-VL vision_config fields of `v` (shapes, windows, activation), as transformers names them."""
+    return dict(
+        depth=v.depth,
+        hidden_size=v.hidden_size,
+        num_heads=v.num_heads,
+        intermediate_size=v.intermediate_size,
+        out_hidden_size=v.out_hidden_size,
+        patch_size=v.patch_size,
+        temporal_patch_size=v.temporal_patch_size,
+        in_channels=v.in_channels,
+        spatial_merge_size=v.spatial_merge_size,
+        window_size=v.window_size,
+        fullatt_block_indexes=list(v.fullatt_block_indexes),
+        hidden_act="silu",
+    )
+
+
 def hf_config(config, *, with_vision: bool, dtype: str) -> dict:
     """config.json in the shape transformers 5 writes for Qwen2.5-VL (or Qwen2 without vision)."""
     d = qwen2.DecoderConfig.from_dict(config.model.decoder)
@@ -215,18 +233,7 @@ def hf_config(config, *, with_vision: bool, dtype: str) -> dict:
     )
     vis = dict(
         model_type="qwen2_5_vl_vision",
-        depth=v.depth,
-        hidden_size=v.hidden_size,
-        num_heads=v.num_heads,
-        intermediate_size=v.intermediate_size,
-        out_hidden_size=v.out_hidden_size,
-        patch_size=v.patch_size,
-        temporal_patch_size=v.temporal_patch_size,
-        in_channels=v.in_channels,
-        spatial_merge_size=v.spatial_merge_size,
-        window_size=v.window_size,
-        fullatt_block_indexes=list(v.fullatt_block_indexes),
-        hidden_act="silu",
+        **vision_fields(v),
         tokens_per_second=4,
         rope_parameters=dict(rope_type="axial", rope_theta=v.rope_theta),
     )
