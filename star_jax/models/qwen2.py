@@ -22,11 +22,12 @@ from star_jax import layers
 from star_jax.config_dataclass import dataclass_from_dict
 from star_jax.sharding import constrain
 
+# Matmuls are `layers.dot` calls (a custom VJP), so the policies select them by checkpoint name.
 REMAT_POLICIES = {
     "none": None,  # no rematerialisation: keep every activation
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs, recompute the rest
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    "dots": jax.checkpoint_policies.save_only_these_names(layers.DOT, layers.ATTENTION_DOT),  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.save_only_these_names(layers.DOT),  # keep weight matmuls only
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -185,7 +186,7 @@ class Attention(nnx.Module):
 
     def _project(self, x, kernel, bias):
         dt = to_dtype(self.cfg.dtype)
-        y = jnp.einsum("btd,dhk->bthk", x.astype(dt), kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        y = layers.dot("btd,dhk->bthk", x, kernel[...], dt, out_dtype=jnp.float32)
         return (y + bias[...].astype(jnp.float32)).astype(dt)
 
     def __call__(self, x, cos, sin, mask, kv_slice=None, index=None, fused=None):
@@ -203,7 +204,7 @@ class Attention(nnx.Module):
             k = self._project(x, self.k_kernel, self.k_bias)
             v = self._project(x, self.v_kernel, self.v_bias)
         else:  # one matmul for q, k and v (decode)
-            y = jnp.einsum("btd,dn->btn", x.astype(dt), fused["qkv"].astype(dt), preferred_element_type=jnp.float32)
+            y = layers.dot("btd,dn->btn", x, fused["qkv"], dt, out_dtype=jnp.float32)
             y = (y + fused["qkv_bias"].astype(jnp.float32)).astype(dt)
             y = y.reshape(*y.shape[:2], cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
             q, k, v = jnp.split(y, [cfg.num_heads, cfg.num_heads + cfg.num_kv_heads], axis=2)
@@ -215,14 +216,23 @@ class Attention(nnx.Module):
         if kv_slice is not None:
             k = jax.lax.dynamic_update_slice_in_dim(kv_slice[0], k.astype(kv_slice[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv_slice[1], v.astype(kv_slice[1].dtype), index, axis=1)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dt), preferred_element_type=jnp.float32)
-        scores = scores * (cfg.head_dim**-0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dt), preferred_element_type=jnp.float32)
-        out = out.astype(dt).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_kernel[...].astype(dt), preferred_element_type=jnp.float32)
-        return y.astype(dt), (None if kv_slice is None else (k, v))
+        # Heads before positions, so that each matmul is a plain batched one without transposes
+        # of the [T, S] scores: q [B, KV, G, T, hd], k / v [B, KV, S, hd]. A cache stays [B, S, KV,
+        # hd] (transposing it would copy the whole cache at every decode step).
+        kv_spec = "bskd" if kv_slice is not None else "bksd"
+        kt, vt = (k, v) if kv_slice is not None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        out = layers.attention(
+            q.transpose(0, 2, 3, 1, 4),
+            kt,
+            vt,
+            mask[:, None, None],
+            dt,
+            scale=cfg.head_dim**-0.5,
+            score_spec=f"bkgtd,{kv_spec}->bkgts",
+            value_spec=f"bkgts,{kv_spec}->bkgtd",
+        )
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        return layers.dot("bthk,hkd->btd", out, self.o_kernel[...], dt), (None if kv_slice is None else (k, v))
 
 
 class MLP(nnx.Module):
@@ -240,7 +250,7 @@ class MLP(nnx.Module):
             gate, up = self.gate(x), self.up(x)
         else:
             gate, up = jnp.split(layers.matmul(x, fused["gate_up"], self.gate.dtype), 2, axis=-1)
-        h = jax.nn.silu(gate) * up
+        h = layers.swiglu(gate, up)
         return self.down(constrain(h, ("batch", "length", "act_mlp")))
 
 
@@ -443,11 +453,9 @@ class Decoder(nnx.Module):
         """hidden [B, T, D] -> logits [B, T, V] float32 (bf16 inputs, f32 accumulation)."""
         dt = to_dtype(self.cfg.dtype)
         if self.cfg.tie_embeddings:
-            w = self.embedding[...].astype(dt)
-            out = jnp.einsum("btd,vd->btv", hidden.astype(dt), w, preferred_element_type=jnp.float32)
+            out = layers.dot("btd,vd->btv", hidden, self.embedding[...], dt, out_dtype=jnp.float32)
         else:
-            w = self.lm_head[...].astype(dt)
-            out = jnp.einsum("btd,dv->btv", hidden.astype(dt), w, preferred_element_type=jnp.float32)
+            out = layers.dot("btd,dv->btv", hidden, self.lm_head[...], dt, out_dtype=jnp.float32)
         return constrain(out, ("batch", "length", "act_vocab"))
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None, **kw) -> jax.Array:

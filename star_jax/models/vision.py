@@ -234,17 +234,16 @@ class VisionAttention(nnx.Module):
         """
         dt = to_dtype(self.cfg.dtype)
         n, length = x.shape[0], mask.shape[0]
-        qkv = jnp.einsum(
-            "nd,dshk->snhk", x.astype(dt), self.qkv_kernel[...].astype(dt), preferred_element_type=jnp.float32
-        )
+        qkv = layers.dot("nd,dshk->snhk", x, self.qkv_kernel[...], dt, out_dtype=jnp.float32)
         qkv = (qkv + self.qkv_bias[...].astype(jnp.float32)[:, None]).astype(dt)
         q, k, v = _apply_rope(qkv[0], cos, sin), _apply_rope(qkv[1], cos, sin), qkv[2]
         q, k, v = (a.reshape(n // length, length, *a.shape[1:]) for a in (q, k, v))
-        scores = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32) * self.cfg.head_dim**-0.5
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v, preferred_element_type=jnp.float32).astype(dt)
-        y = jnp.einsum("bqhk,hkd->bqd", out, self.proj_kernel[...].astype(dt), preferred_element_type=jnp.float32)
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # [blocks, heads, L, head_dim]
+        out = layers.attention(
+            q, k, v, mask, dt, scale=self.cfg.head_dim**-0.5, score_spec="bhqk,bhsk->bhqs", value_spec="bhqs,bhsk->bhqk"
+        )
+        out = out.transpose(0, 2, 1, 3)
+        y = layers.dot("bqhk,hkd->bqd", out, self.proj_kernel[...], dt, out_dtype=jnp.float32)
         return (y.reshape(n, -1) + self.proj_bias[...].astype(jnp.float32)).astype(dt)
 
 
@@ -259,7 +258,7 @@ class VisionMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [N, D] -> [N, D]."""
-        return self.down(constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "act_mlp")))
+        return self.down(constrain(layers.swiglu(self.gate(x), self.up(x)), ("batch", "act_mlp")))
 
 
 class VisionBlock(nnx.Module):
