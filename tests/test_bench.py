@@ -93,3 +93,34 @@ def test_gpu_check_runs_at_tiny_sizes():
     assert float(fields[6]) > 0 and float(fields[7]) > 0 and fields[8] == "1" and fields[9].endswith("x")
     assert any(line.startswith("tiny ") and "img/s" not in line and len(line.split()) >= 9 for line in lines[-6:])
     assert "gpu_check: done" in proc.stdout
+
+
+def test_matmul_floor_finds_every_matmul_with_its_shapes_and_flops():
+    """Three matmuls of a jitted function (one batched, one inside an elementwise chain, one
+    repeated through an unrolled loop) are found in its optimised HLO with their occurrences."""
+    import jax
+    import jax.numpy as jnp
+
+    from star_jax.bench import matmul_floor
+
+    def fn(a, b, c, q, k):
+        h = jnp.tanh(jnp.dot(a, b, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)[:, :32]
+        for _ in range(2):
+            h = (jnp.dot(h, c, preferred_element_type=jnp.float32) + 1).astype(jnp.bfloat16)
+        s = jnp.einsum("bqd,bkd->bqk", q, k, preferred_element_type=jnp.float32)
+        return h, s
+
+    args = (
+        jnp.ones((16, 32), jnp.bfloat16),
+        jnp.ones((32, 48), jnp.bfloat16),
+        jnp.ones((32, 32), jnp.bfloat16),
+        jnp.ones((3, 8, 4), jnp.float32),
+        jnp.ones((3, 5, 4), jnp.float32),
+    )
+    dots = matmul_floor.hlo_dots(jax.jit(fn).lower(*args).compile().as_text())
+    flops = sorted((d.flops, n) for d, n in dots.items())
+    assert sum(n for _, n in flops) == 4
+    total = sum(f * n for f, n in flops)
+    assert total == 2 * 16 * 32 * 48 + 2 * (2 * 16 * 32 * 32) + 2 * 3 * 8 * 5 * 4
+    floor = matmul_floor.matmul_floor(jax.jit(fn).lower(*args).compile().as_text(), repeats=1)
+    assert floor.flops == total and floor.seconds > 0 and len(floor.rows) == len(dots)

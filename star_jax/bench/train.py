@@ -1,7 +1,7 @@
 """Generation-stage training step: star_jax's jitted trainer step against the same step in PyTorch.
 
   python -m star_jax.bench train [--sizes small,115m] [--batch 0] [--prompt 0] [--repeats 3] \
-      [--dtype bfloat16] [--torch_threads 1,2]
+      [--dtype bfloat16] [--torch_threads 1,2] [--floor]
 
 star_jax runs the trainer's own step (`train.make_task` + `train_step.make_train_step` +
 `jit_train_step`, the program `star-jax train` compiles) on a config built from configs/star.py
@@ -45,7 +45,7 @@ from absl import flags
 
 from star_jax import flops, metrics, optim, sharding, stages, train, train_step
 from star_jax.bench import generate as generate_bench
-from star_jax.bench import torch_reference, torch_train
+from star_jax.bench import matmul_floor, torch_reference, torch_train
 from star_jax.bench.decoder import matmul_peak
 from star_jax.cli import common
 from star_jax.configs import sizes
@@ -152,6 +152,12 @@ class JaxStep:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         return {k: jax.device_put(np.asarray(v), replicated) for k, v in batch.items()}
 
+    def hlo(self, batch: dict) -> str:
+        """The optimised HLO text of the step for a `put` batch."""
+        with sharding.use_mesh(self.mesh, self.rules):
+            args = (self.params, self.frozen, self.other, self.opt_state, batch, self.rng, jnp.int32(0))
+            return self.jitted.lower(*args).compile().as_text()
+
     def __call__(self, batch: dict) -> float:
         """One step on a `put` batch; returns the loss (float, blocks until the step is done)."""
         with sharding.use_mesh(self.mesh, self.rules):
@@ -237,6 +243,13 @@ def bench_size(name: str, fv) -> dict:
         torch_times=torch_times,
     )
     out["jax_tok_s"] = tokens / out["jax_s"]
+    if fv.floor:
+        unrolled = jax_step
+        if fv.scan_layers:  # a scan body appears once in the HLO: count the matmuls of all layers
+            del jax_step
+            unrolled = JaxStep(bench_config(name, batch=fv.batch, prompt=fv.prompt, dtype=fv.dtype, scan_layers=False))
+            del unrolled.model
+        out["floor"] = matmul_floor.matmul_floor(unrolled.hlo(unrolled.put(batch)))
     if threads:
         best = min(threads, key=lambda n: np.median(torch_times[n]))
         out["torch_threads"] = best
@@ -276,6 +289,17 @@ def _print_result(r: dict, peak: float, spec: float | None) -> None:
     if "torch_s" in r:
         by_threads = ", ".join(f"{n} thread(s) {v:.0f}" for n, v in r["torch_tok_s_by_threads"].items())
         print(f"{'':<6} torch tok/s by threads: {by_threads}; the fastest is reported", flush=True)
+    if "floor" in r:
+        fl = r["floor"]
+        need = f"; 2x the PyTorch step is {r['torch_s'] / 2:.3f} s" if "torch_s" in r else ""
+        print(
+            f"{'':<6} matmul floor: the step's {sum(n for _, n, _ in fl.rows)} matmuls ({len(fl.rows)} shapes, "
+            f"{fl.flops / 1e9:.1f} GFLOP), each timed alone, take {fl.seconds:.3f} s "
+            f"({fl.flops / fl.seconds / 1e9:.0f} GFLOP/s) of the {r['jax_s']:.3f} s step{need}",
+            flush=True,
+        )
+        for dot, n, sec in fl.rows[:6]:
+            print(f"{'':<8} {n:>3} x {sec * 1e3:7.1f} ms  {dot.flops / sec / 1e9:5.0f} GFLOP/s  {dot}", flush=True)
     losses = f"losses: star_jax {', '.join(f'{x:.3f}' for x in r['losses']['jax'])}"
     if r["losses"]["torch"]:
         losses += f"; torch {', '.join(f'{x:.3f}' for x in r['losses']['torch'])}"
@@ -290,6 +314,13 @@ def main(argv: list[str]) -> int:
     flags.DEFINE_integer("repeats", 3, "timed steps per side (alternating; median reported)", flag_values=fv)
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "compute dtype of both sides", flag_values=fv)
     flags.DEFINE_bool("scan_layers", True, "config.model.decoder.scan_layers (False: layers unrolled)", flag_values=fv)
+    flags.DEFINE_bool(
+        "floor",
+        False,
+        "also time each matmul of the step alone (star_jax.bench.matmul_floor): the step time the "
+        "backend's matmul kernels allow with no other work",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("torch", True, "also time the PyTorch step (--notorch: star_jax alone)", flag_values=fv)
     flags.DEFINE_string(
         "torch_threads", "1,2", "torch intra-op thread counts to measure; the fastest is reported", flag_values=fv
