@@ -1,13 +1,14 @@
-"""Shared building blocks: logically-named params, dense layers with f32 accumulation, RMSNorm.
+"""Shared building blocks: logically-named params, matmuls, attention, SwiGLU, dense layers, RMSNorm.
 
 Every param is created through `param()`, which attaches logical axis names (mapped to mesh
 axes by the config's rules). Every matmul goes through `dot`: inputs in the compute dtype,
 float32 accumulation, and a backward pass in the compute dtype too. The last part needs a custom
 VJP: the transpose of a `preferred_element_type=float32` dot takes a float32 cotangent, so both
-backward matmuls would run in float32 (5x slower than bf16 on a CPU with AMX, and off the fast
-path of every accelerator). A bf16-output dot does not help on CPU, where XLA computes it in f32.
-`dot` names its output for the remat policies (`DOT`, `ATTENTION_DOT`), since `checkpoint_dots`
-cannot see a matmul inside a custom VJP.
+backward matmuls would run in float32 (about 5x slower than bf16 on this project's AMX CPU host;
+a bf16-output dot does not help there, XLA's CPU backend computes it in float32). `attention` and
+`swiglu` are custom VJPs for the same reason and keep fewer residuals than autodiff would. `dot`
+and `attention` name their outputs for the remat policies (`DOT`, `ATTENTION_DOT`):
+`checkpoint_dots` cannot see a matmul inside a custom VJP.
 """
 
 from __future__ import annotations
@@ -92,9 +93,8 @@ def attention(
 
     q, k, v are cast to `dtype`; scores and softmax are float32, p is `dtype`. `mask` (bool, True =
     attend) broadcasts against the scores. The backward pass keeps only p (in `dtype`) besides q,
-    k and v, and computes the score gradient p * (dp - sum(p * dp)) in one fused pass: half the
-    memory traffic over the [.., T, S] scores that autodiff of the same forward takes, which is
-    most of a CPU step's non-matmul time at long sequences.
+    k and v, where autodiff of the same forward also keeps the float32 scores, and computes the
+    score gradient p * (dp - sum(p * dp)) in one elementwise pass. Specs as in `dot`.
     """
     q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
     score_spec, value_spec = _expand_ellipsis(score_spec, q.ndim), _expand_ellipsis(value_spec, q.ndim)
@@ -173,6 +173,9 @@ def _dot_f32_bwd(spec, residuals, g):
     return _einsum_grads(spec, *_unpack(residuals), g)
 
 
+_dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
+
+
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(gate) * up, elementwise in float32, returned in gate's dtype.
@@ -207,9 +210,6 @@ def _pack(residuals):
 
 def _unpack(residuals):
     return tuple(jax.lax.bitcast_convert_type(r, jnp.bfloat16) if r.dtype == jnp.uint16 else r for r in residuals)
-
-
-_dot_f32.defvjp(_dot_f32_fwd, _dot_f32_bwd)
 
 
 class Dense(nnx.Module):
