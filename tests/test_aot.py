@@ -224,7 +224,9 @@ def test_tiny_step_compiles_for_v5p_8():
     assert 90 * GIB < result.hbm_bytes < 100 * GIB  # the compiler's own figure for a v5p chip
     assert 0 < result.argument_bytes and 0 < result.temp_bytes
     expected = result.argument_bytes + result.output_bytes - result.alias_bytes + result.temp_bytes
-    assert result.peak_bytes == expected + result.code_bytes < result.hbm_bytes
+    assert result.parts_bytes == expected + result.code_bytes < result.hbm_bytes
+    # the compiler's peak (buffer liveness) holds at least the arguments and at most the parts
+    assert result.argument_bytes <= result.peak_bytes <= result.parts_bytes
     assert result.alias_bytes > 0  # params / optimizer state are donated, as in the trainer
     assert result.flops_compiled > 0 and result.flops_analytic > 0
     assert result.step_time_s == pytest.approx(result.flops_analytic / (4 * 459e12 * 0.5))

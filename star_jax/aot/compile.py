@@ -42,10 +42,12 @@ class AotError(ValueError):
 class AotResult:
     """What the compiler said about one step. Bytes are per device; FLOPs are per step, all devices.
 
-    fits: the program compiled within HBM. peak_bytes: arguments + outputs - aliased (donated) +
-    temporaries + generated code when it fits; when it does not, the compiler's figure (plus the
-    arguments' shards when that figure counts temporaries only: a lower bound), None when its
-    message gives none. flops_compiled: `cost_analysis()` x devices; a `lax.scan`
+    fits: the program compiled within HBM. peak_bytes: when it fits, the compiler's own peak
+    (`memory_analysis().peak_memory_in_bytes`, from its buffer liveness), else parts_bytes;
+    when it does not fit, the compiler's figure (plus the arguments' shards when that figure
+    counts temporaries only: a lower bound), None when its message gives none. parts_bytes:
+    arguments + outputs - aliased (donated) + temporaries + generated code, which can exceed
+    the peak (the temporaries are an allocation, not all live at once). flops_compiled: `cost_analysis()` x devices; a `lax.scan`
     body (scanned layers, microbatches) counts once. step_time_s / tokens_per_s: analytic FLOPs
     (the compiler's when the stage has no analytic count) at `mfu` of the bf16 peak.
     """
@@ -67,6 +69,7 @@ class AotResult:
     alias_bytes: int | None = None
     temp_bytes: int | None = None
     code_bytes: int | None = None
+    parts_bytes: int | None = None
     compiler_message: str | None = None
     flops_compiled: float | None = None
     flops_analytic: float = 0.0
@@ -247,13 +250,14 @@ def compile_step(config, tpu: topology.TpuSlice, num_slices: int = 1, *, mfu: fl
     result.alias_bytes = mem.alias_size_in_bytes
     result.temp_bytes = mem.temp_size_in_bytes
     result.code_bytes = mem.generated_code_size_in_bytes
-    result.peak_bytes = (
+    result.parts_bytes = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
         - mem.alias_size_in_bytes
         + mem.temp_size_in_bytes
         + mem.generated_code_size_in_bytes
     )
+    result.peak_bytes = getattr(mem, "peak_memory_in_bytes", 0) or result.parts_bytes
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost and cost.get("flops") is not None:

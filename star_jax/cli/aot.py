@@ -95,12 +95,13 @@ def describe(config, result: aot_compile.AotResult) -> str:
         )
         lines.append(
             f"peak {_gib(r.peak_bytes)} of {_gib(r.hbm_bytes)} HBM per device "
-            f"({100 * r.peak_bytes / r.hbm_bytes:.0f} %): fits"
+            f"({100 * r.peak_bytes / r.hbm_bytes:.0f} %, the compiler's peak; the parts above sum to "
+            f"{_gib(r.parts_bytes)}, the temporaries being an allocation not all live at once): fits"
         )
         if r.peak_bytes > r.hbm_bytes:
             lines.append(
-                "note: the compiler accepted the program although memory_analysis() sums to more than the HBM "
-                "it names; check on the slice before relying on it"
+                "note: the compiler accepted the program although its peak exceeds the HBM it names; "
+                "check on the slice before relying on it"
             )
         analytic = f"{r.flops_analytic:.3e}" if r.flops_analytic else "none for this stage"
         scanned = " (a lax.scan body counts once: --config.model.decoder.scan_layers=False for all layers)"
@@ -179,7 +180,7 @@ def _single(prog: str, fv, config, tpu) -> int:
 
 
 def _fits_cell(e: dict) -> str:
-    """yes / no; "yes*" when the compiler accepted a program whose memory_analysis() exceeds its HBM."""
+    """yes / no; "yes*" when the compiler accepted a program whose peak exceeds its HBM."""
     if not e["fits"]:
         return "no"
     return "yes*" if e["peak_bytes"] and e["peak_bytes"] > e["hbm_bytes"] else "yes"
