@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -13,7 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from star_jax.bench import __main__ as bench_main  # noqa: E402
-from star_jax.bench import torch_reference, torch_train  # noqa: E402
+from star_jax.bench import matmul_floor, torch_reference, torch_train  # noqa: E402
 from star_jax.bench import train as bench_train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,10 +100,6 @@ def test_gpu_check_runs_at_tiny_sizes():
 def test_matmul_floor_finds_every_matmul_with_its_shapes_and_flops():
     """Three matmuls of a jitted function (one batched, one inside an elementwise chain, one
     repeated through an unrolled loop) are found in its optimised HLO with their occurrences."""
-    import jax
-    import jax.numpy as jnp
-
-    from star_jax.bench import matmul_floor
 
     def fn(a, b, c, q, k):
         h = jnp.tanh(jnp.dot(a, b, preferred_element_type=jnp.float32)).astype(jnp.bfloat16)[:, :32]

@@ -122,7 +122,7 @@ def memorise_config(
     config = star_config.get_config(f"size=shapes,stage={stage}")
     config.imports = (MODULE,)
     config.seed = seed
-    config.model.decoder.dtype = "float32"  # CPU: f32 matmuls are faster than emulated bf16
+    config.model.decoder.dtype = "float32"  # the results in projects/shapes/README.md were made in f32
     config.model.star.caption_dropout = caption_dropout
     reads = stages.get(stage).reads
     config.data.source = SOURCE

@@ -43,11 +43,12 @@ class AotResult:
     """What the compiler said about one step. Bytes are per device; FLOPs are per step, all devices.
 
     fits: the program compiled within HBM. peak_bytes: when it fits, the compiler's own peak
-    (`memory_analysis().peak_memory_in_bytes`, from its buffer liveness), else parts_bytes;
-    when it does not fit, the compiler's figure (plus the arguments' shards when that figure
-    counts temporaries only: a lower bound), None when its message gives none. parts_bytes:
-    arguments + outputs - aliased (donated) + temporaries + generated code, which can exceed
-    the peak (the temporaries are an allocation, not all live at once). flops_compiled: `cost_analysis()` x devices; a `lax.scan`
+    (`memory_analysis().peak_memory_in_bytes`, from buffer liveness; parts_bytes where the
+    compiler reports none); when it does not, the compiler's figure (plus the arguments' shards
+    when that figure counts temporaries only: a lower bound), None when its message gives none.
+    parts_bytes: arguments + outputs - aliased (donated) + temporaries + generated code, which
+    can exceed the peak (the temporaries are one allocation, not all live at once).
+    flops_compiled: `cost_analysis()` x devices; a `lax.scan`
     body (scanned layers, microbatches) counts once. step_time_s / tokens_per_s: analytic FLOPs
     (the compiler's when the stage has no analytic count) at `mfu` of the bf16 peak.
     """

@@ -244,12 +244,11 @@ def bench_size(name: str, fv) -> dict:
     )
     out["jax_tok_s"] = tokens / out["jax_s"]
     if fv.floor:
-        unrolled = jax_step
         if fv.scan_layers:  # a scan body appears once in the HLO: count the matmuls of all layers
-            del jax_step
-            unrolled = JaxStep(bench_config(name, batch=fv.batch, prompt=fv.prompt, dtype=fv.dtype, scan_layers=False))
-            del unrolled.model
-        out["floor"] = matmul_floor.matmul_floor(unrolled.hlo(unrolled.put(batch)))
+            del jax_step  # its state is not needed any more
+            jax_step = JaxStep(bench_config(name, batch=fv.batch, prompt=fv.prompt, dtype=fv.dtype, scan_layers=False))
+            del jax_step.model
+        out["floor"] = matmul_floor.matmul_floor(jax_step.hlo(jax_step.put(batch)))
     if threads:
         best = min(threads, key=lambda n: np.median(torch_times[n]))
         out["torch_threads"] = best

@@ -219,8 +219,10 @@ class Attention(nnx.Module):
         # Heads before positions, so that each matmul is a plain batched one without transposes
         # of the [T, S] scores: q [B, KV, G, T, hd], k / v [B, KV, S, hd]. A cache stays [B, S, KV,
         # hd] (transposing it would copy the whole cache at every decode step).
-        kv_spec = "bskd" if kv_slice is not None else "bksd"
-        kt, vt = (k, v) if kv_slice is not None else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        if kv_slice is None:
+            kt, vt, kv_spec = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), "bksd"
+        else:
+            kt, vt, kv_spec = k, v, "bskd"
         out = layers.attention(
             q.transpose(0, 2, 3, 1, 4),
             kt,
